@@ -1,0 +1,41 @@
+"""Checks shared by the backbones' checkpoint filters."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model it is loaded into."""
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Return ``state_dict`` unchanged if its keys and shapes are exactly the model's.
+
+    Otherwise raise a one-line error naming the first mismatching key (in the model's order) and
+    both shapes, so a checkpoint for another architecture is recognised at once.
+    """
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    expected = model.state_dict()
+    for key, param in expected.items():
+        if key not in state_dict:
+            raise CheckpointMismatchError(
+                f"checkpoint lacks key {key!r} (model {arch} expects shape {_shape(param)}); "
+                "is the checkpoint for another architecture?"
+            )
+        if _shape(state_dict[key]) != _shape(param):
+            raise CheckpointMismatchError(
+                f"checkpoint key {key!r} has shape {_shape(state_dict[key])} but model {arch} expects "
+                f"{_shape(param)}; is the checkpoint for another architecture?"
+            )
+    unexpected = [key for key in state_dict if key not in expected]
+    if unexpected:
+        raise CheckpointMismatchError(
+            f"checkpoint key {unexpected[0]!r} (shape {_shape(state_dict[unexpected[0]])}) does not exist in "
+            f"model {arch} ({len(unexpected)} unexpected key(s)); is the checkpoint for another architecture?"
+        )
+    return state_dict

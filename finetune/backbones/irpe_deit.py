@@ -1,0 +1,170 @@
+"""DeiT with image relative position encoding (iRPE-DeiT), registered with timm.
+
+The body is timm's VisionTransformer with every attention layer replaced by ``RPEAttention``; the
+patch grid is passed to the blocks so grids of any shape (and ``dynamic_img_size``) work. The key
+layout is the released one, so official ``{'model': state_dict}`` files load without remapping.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerType
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._manipulate import checkpoint
+from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+
+from .checkpoint import check_state_dict
+from .irpe import RPEAttention, RPEConfig
+
+__all__ = ["IRPEVisionTransformer", "RPEBlock", "checkpoint_filter_fn", "OFFICIAL_MODELS"]
+
+RELEASE_URL = "https://github.com/wkcn/iRPE-model-zoo/releases/download/1.0/{name}.pth"
+
+
+class RPEBlock(Block):
+    """timm's pre-norm transformer block with iRPE attention and the patch grid as an input."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        rpe_config: RPEConfig | None = None,
+        attn_layer: LayerType | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop, **kwargs)
+        self.attn = RPEAttention(
+            dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, rpe_config=rpe_config
+        )
+
+    def forward(self, x: torch.Tensor, grid_size: tuple[int, int] | None = None, **_: Any) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid_size)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class IRPEVisionTransformer(VisionTransformer):
+    """VisionTransformer whose attention layers carry iRPE, configured by ``rpe_config``."""
+
+    def __init__(self, rpe_config: RPEConfig | dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self.rpe_config = RPEConfig.from_any(rpe_config)
+        super().__init__(block_fn=partial(RPEBlock, rpe_config=self.rpe_config), **kwargs)
+
+    def grid_size_of(self, x: torch.Tensor) -> tuple[int, int]:
+        """Patch grid of an input image batch."""
+        if self.dynamic_img_size:
+            return tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        return tuple(self.patch_embed.grid_size)
+
+    def forward_features(self, x: torch.Tensor, **_: Any) -> torch.Tensor:
+        grid_size = self.grid_size_of(x)
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, grid_size)
+            else:
+                x = block(x, grid_size)
+        return self.norm(x)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """pos_embed, the prefix tokens and every RPE table (the paper puts no weight decay on them)."""
+        rpe_tables = {name for name, _ in self.named_parameters() if ".rpe_" in name}
+        return super().no_weight_decay() | rpe_tables
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: IRPEVisionTransformer) -> dict[str, torch.Tensor]:
+    """Unwrap an official ``{'model': ...}`` file, resample pos_embed to the model's grid, check every key."""
+    state_dict = vit_checkpoint_filter_fn(state_dict, model)
+    return check_state_dict(state_dict, model)
+
+
+def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "mit",
+        "paper_ids": "arXiv:2107.14222",
+        "paper_name": "Rethinking and Improving Relative Position Encoding for Vision Transformer",
+        "origin_url": "https://github.com/microsoft/Cream/tree/main/iRPE",
+        **kwargs,
+    }
+
+
+# DeiT bodies (Touvron et al., 2021), as the iRPE release builds them.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
+
+# The eight released models: name -> (body, RPE settings, published ImageNet-1k top-1 at 224 or None).
+OFFICIAL_MODELS: dict[str, tuple[str, RPEConfig, float | None]] = {
+    "deit_tiny_patch16_224_ctx_product_50_shared_k": ("tiny", RPEConfig("product", "ctx", 1.9, "k"), 73.7),
+    "deit_small_patch16_224_ctx_euc_20_shared_k": ("small", RPEConfig("euc", "ctx", 20, "k"), None),
+    "deit_small_patch16_224_ctx_quant_51_shared_k": ("small", RPEConfig("quant", "ctx", 33, "k"), None),
+    "deit_small_patch16_224_ctx_cross_56_shared_k": ("small", RPEConfig("cross", "ctx", 20, "k"), None),
+    "deit_small_patch16_224_ctx_product_50_shared_k": ("small", RPEConfig("product", "ctx", 1.9, "k"), 80.9),
+    "deit_small_patch16_224_ctx_product_50_shared_qk": ("small", RPEConfig("product", "ctx", 1.9, "qk"), 81.0),
+    "deit_small_patch16_224_ctx_product_50_shared_qkv": ("small", RPEConfig("product", "ctx", 1.9, "qkv"), 81.2),
+    "deit_base_patch16_224_ctx_product_50_shared_k": ("base", RPEConfig("product", "ctx", 1.9, "k"), 82.3),
+    "deit_base_patch16_224_ctx_product_50_shared_qkv": ("base", RPEConfig("product", "ctx", 1.9, "qkv"), 82.8),
+}
+
+GENERIC_MODELS = {f"irpe_deit_{size}_patch16_224": size for size in ARCHITECTURES}
+
+default_cfgs = generate_default_cfgs(
+    {
+        **{name: _cfg(RELEASE_URL.format(name=name)) for name in OFFICIAL_MODELS},
+        **{name: _cfg() for name in GENERIC_MODELS},
+    }
+)
+
+
+def _create_irpe_deit(variant: str, pretrained: bool = False, **kwargs: Any) -> IRPEVisionTransformer:
+    return build_model_with_cfg(
+        IRPEVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=3, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _entrypoint(name: str, size: str, rpe_config: RPEConfig) -> Any:
+    """A timm entry point that only sets architecture arguments; keyword arguments override them."""
+
+    def create(pretrained: bool = False, **kwargs: Any) -> IRPEVisionTransformer:
+        args = {**ARCHITECTURES[size], "rpe_config": rpe_config, **kwargs}
+        return _create_irpe_deit(name, pretrained=pretrained, **args)
+
+    create.__name__ = create.__qualname__ = name
+    create.__module__ = __name__
+    create.__doc__ = f"DeiT-{size[0].upper()} with iRPE ({rpe_config.mode} {rpe_config.method} on {rpe_config.rpe_on})."
+    return register_model(create)
+
+
+for _name, (_size, _rpe, _) in OFFICIAL_MODELS.items():
+    _entrypoint(_name, _size, _rpe)
+for _name, _size in GENERIC_MODELS.items():
+    _entrypoint(_name, _size, RPEConfig())
