@@ -231,7 +231,7 @@ class ImageRPE(nn.Module):
     def attn_bias(self, x: Tensor, height: int, width: int, reference: bool = False) -> Tensor:
         """Logit term for q or k placement; ``x`` is (B, H, n, d) scaled queries (on k) or keys (on q).
 
-        Both placements compute term[a, b] = x_a . r_{b(a, b)}; on queries the term at (i, j) reads
+        Both placements compute term[i, j] = x_i . r_{b(i, j)}; on queries the term at (i, j) reads
         the key's row, k_j . r_{b(j, i)}, which is that term transposed.
         """
         ids = self.bucket_ids(height, width, x.device)
@@ -239,7 +239,7 @@ class ImageRPE(nn.Module):
             term = self.lookup_table_bias[:, ids].unsqueeze(0)  # (1, H or 1, n, n)
         elif reference:
             per_pair = self.lookup_table_weight[:, :, ids].expand(self.num_heads, -1, -1, -1)  # (H, d, n, n)
-            term = torch.einsum("bhad,hdab->bhab", x, per_pair)
+            term = torch.einsum("bhid,hdij->bhij", x, per_pair)
         else:
             per_bucket = x @ self.lookup_table_weight.to(x.dtype)  # (B, H, n, K)
             term = per_bucket.gather(-1, ids.expand(per_bucket.shape[:-2] + ids.shape))
