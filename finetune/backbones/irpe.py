@@ -336,30 +336,44 @@ class RPEAttention(nn.Module):
             )
         return int(height), int(width)
 
-    def forward(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
-        batch, num_tokens, dim = x.shape
+    def _project(self, x: Tensor, grid_size: tuple[int, int] | None) -> tuple[Tensor, ...]:
+        """Scaled queries, keys, values (B, H, n, d), the summed q/k RPE logit term (or None) and the grid."""
+        batch, num_tokens, _ = x.shape
         height, width = self._grid(num_tokens, grid_size)
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q = q * self.scale
-
         bias = None
         if self.rpe_k is not None:
             bias = self.rpe_k.attn_bias(q, height, width, self.reference)
         if self.rpe_q is not None:
             term = self.rpe_q.attn_bias(k * self.scale, height, width, self.reference)
             bias = term if bias is None else bias + term
+        return q, k, v, bias, (height, width)
 
+    @staticmethod
+    def _softmax(q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
+        logits = q @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        return logits.softmax(dim=-1)
+
+    @torch.no_grad()
+    def attention_weights(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
+        """Attention probabilities (B, H, n, n) for input tokens ``x`` (what the visualiser draws)."""
+        q, k, _, bias, _ = self._project(x, grid_size)
+        return self._softmax(q, k, bias)
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
+        batch, num_tokens, dim = x.shape
+        q, k, v, bias, (height, width) = self._project(x, grid_size)
         if self.rpe_v is None and not self.reference:
             if bias is not None:
                 bias = bias.to(q.dtype)
             dropout = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
         else:
-            logits = q @ k.transpose(-2, -1)
-            if bias is not None:
-                logits = logits + bias
-            attn = self.attn_drop(logits.softmax(dim=-1))
+            attn = self.attn_drop(self._softmax(q, k, bias))
             out = attn @ v
             if self.rpe_v is not None:
                 out = out + self.rpe_v.value_term(attn, height, width, self.reference).to(out.dtype)

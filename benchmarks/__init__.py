@@ -1,0 +1,1 @@
+"""Throughput, memory and data-pipeline benchmarks; `python -m benchmarks` runs them all."""

@@ -1,0 +1,126 @@
+"""Shared pieces of the benchmarks: interleaved timing, peak memory in a child process, result files.
+
+Speed is compared as ratios inside one run: candidates are timed in interleaved rounds and the best
+round of each is kept, so a noisy machine slows every candidate alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict[str, str]:
+    """The machine, torch version and device a result was measured on."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    return {
+        "machine": platform.node() or "unknown",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+        "threads": str(torch.get_num_threads()),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    candidates: dict[str, Callable[[], Any]], device: torch.device, rounds: int = 3, calls: int = 2
+) -> dict[str, float]:
+    """Best seconds per call of each candidate, over ``rounds`` interleaved rounds of ``calls`` calls."""
+    for run in candidates.values():  # warm-up: caches, allocator, lazy init
+        run()
+    best = {name: float("inf") for name in candidates}
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            synchronize(device)
+            best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    return best
+
+
+def peak_memory_mb(module: str, spec: dict[str, Any]) -> float:
+    """Peak memory of one measurement run in a fresh child process (``python -m module --child JSON``).
+
+    On CUDA the child reports torch.cuda.max_memory_allocated; on the CPU the growth of its peak
+    resident set size from before the model was built.
+    """
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--child", json.dumps(spec)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def child_peak_mb(device: torch.device, rss_before_mb: float) -> float:
+    """Peak tensor memory of the child: CUDA allocator peak, or the CPU resident-set peak above the
+    process's footprint before the model was built (torch's own libraries weigh over 1 GB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return rss_peak_mb() - rss_before_mb
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def write_results(
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    plot: Callable[[Any], None] | None = None,
+    notes: str = "",
+) -> Path:
+    """Write ``results/NAME.csv``, ``results/NAME.md`` (table + environment) and ``results/NAME.png``."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS_DIR / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    env = ", ".join(f"{k} {v}" for k, v in environment().items())
+    text = f"{markdown_table(rows)}\n\n{notes}\n\nMeasured on: {env}.\n" if notes else f"{markdown_table(rows)}\n\nMeasured on: {env}.\n"
+    (RESULTS_DIR / f"{name}.md").write_text(text)
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(10, 5))
+        plot(ax)
+        fig.tight_layout()
+        fig.savefig(RESULTS_DIR / f"{name}.png", dpi=120)
+        plt.close(fig)
+    print(text)
+    return RESULTS_DIR / f"{name}.md"
