@@ -37,6 +37,7 @@ __all__ = [
 METHODS = ("euc", "quant", "cross", "product")
 MODES = ("bias", "ctx")
 INDEX_FUNCTIONS = ("piecewise", "clip")
+RESIZE_STRATEGIES = ("keep", "scale", "interpolate")
 _MODE_ALIASES = {"contextual": "ctx", "ctx": "ctx", "bias": "bias"}
 
 
@@ -47,6 +48,12 @@ class RPEConfig:
     ``ratio`` sets the piecewise function: alpha = ratio, beta = 2 ratio, gamma = 8 ratio.
     ``rpe_on`` is any combination of q, k, v. ``skip`` is the number of leading tokens (class,
     distillation) that share one extra bucket. ``index`` is ``piecewise`` (g) or ``clip`` (h).
+
+    ``resize`` is how tables trained on ``trained_grid`` serve another patch grid (see
+    ``finetune.resize`` and docs/resolution.md): ``keep`` (raw offsets, as released), ``scale``
+    (offsets in units of ``trained_grid``) or ``interpolate`` (tables resampled when a checkpoint is
+    loaded). ``trained_grid`` (rows, cols) is set when a checkpoint from another grid is loaded;
+    None means the model's own grid.
     """
 
     method: str = "product"
@@ -56,6 +63,8 @@ class RPEConfig:
     shared_head: bool = True
     skip: int = 1
     index: str = "piecewise"
+    resize: str = "keep"
+    trained_grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         mode = _MODE_ALIASES.get(self.mode)
@@ -79,6 +88,17 @@ class RPEConfig:
             raise ValueError(f"rpe_config.ratio={self.ratio!r}: expected a positive number")
         if self.skip < 0:
             raise ValueError(f"rpe_config.skip={self.skip!r}: expected a non-negative token count")
+        if self.resize not in RESIZE_STRATEGIES:
+            raise ValueError(
+                f"rpe_config.resize={self.resize!r}: expected one of {', '.join(RESIZE_STRATEGIES)}"
+            )
+        if self.trained_grid is not None:  # JSON/YAML give lists; the config must stay hashable
+            grid = self.trained_grid
+            if not (isinstance(grid, (list, tuple)) and len(grid) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
+                raise ValueError(
+                    f"rpe_config.trained_grid={grid!r}: expected None or a (rows, cols) pair of positive integers"
+                )
+            object.__setattr__(self, "trained_grid", tuple(grid))
 
     @property
     def alpha(self) -> float:
@@ -158,16 +178,27 @@ def _grid_offsets(height: int, width: int) -> tuple[Tensor, Tensor]:
     return rows[:, None] - rows[None, :], cols[:, None] - cols[None, :]
 
 
+def _scaled_offset(offset: Tensor, size: int, trained: int) -> Tensor:
+    """``offset`` on a grid of ``size`` in units of a grid of ``trained`` patches: the nearest offset
+    (half to even) the trained grid has, so every pair gets a bucket that grid trained."""
+    nearest = (offset * trained).double().div(size).round()
+    return nearest.clamp(1 - trained, trained - 1).long()
+
+
 @functools.lru_cache(maxsize=256)
 def bucket_ids(
     method: str, height: int, width: int, config: RPEConfig, device: torch.device | None = None
 ) -> Tensor:
     """Bucket of every (query, key) pair, (skip + h*w) x (skip + h*w), cached per grid and device.
 
-    Pairs that involve one of the first ``skip`` tokens use the last bucket of the table. The
+    Pairs that involve one of the first ``skip`` tokens use the last bucket of the table. Under
+    ``config.resize == "scale"`` offsets are first measured in units of ``config.trained_grid``. The
     returned tensor is shared by all callers: do not modify it.
     """
     dr, dc = _grid_offsets(height, width)
+    if config.resize == "scale" and config.trained_grid is not None:
+        dr = _scaled_offset(dr, height, config.trained_grid[0])
+        dc = _scaled_offset(dc, width, config.trained_grid[1])
     b = int(config.beta)
     if method == "euc":
         ids = _index((dr.square() + dc.square()).float().sqrt().round(), config) + b
@@ -358,6 +389,18 @@ class RPEAttention(nn.Module):
             logits = logits + bias
         return logits.softmax(dim=-1)
 
+    def _use_sdpa(self, q: Tensor, bias: Tensor | None) -> bool:
+        """Whether ``scaled_dot_product_attention`` computes this layer (otherwise an explicit softmax).
+
+        The value term needs the attention weights, and the reference path is explicit by design.
+        On the CPU, SDPA has no fused backward for a float mask that needs a gradient: it falls back
+        to its math kernel, which measures slower than the explicit softmax (benchmarks/backbones.py),
+        so CPU training with q/k RPE is explicit; CPU inference and CUDA keep the fused kernels.
+        """
+        if self.reference or self.rpe_v is not None:
+            return False
+        return q.is_cuda or bias is None or not (torch.is_grad_enabled() and bias.requires_grad)
+
     @torch.no_grad()
     def attention_weights(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
         """Attention probabilities (B, H, n, n) for input tokens ``x`` (what the visualiser draws)."""
@@ -367,7 +410,7 @@ class RPEAttention(nn.Module):
     def forward(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
         batch, num_tokens, dim = x.shape
         q, k, v, bias, (height, width) = self._project(x, grid_size)
-        if self.rpe_v is None and not self.reference:
+        if self._use_sdpa(q, bias):
             if bias is not None:
                 bias = bias.to(q.dtype)
             dropout = self.attn_drop.p if self.training else 0.0
