@@ -1,0 +1,182 @@
+"""Data pipeline throughput: JPEG decoding (OpenCV vs PIL) and the train / eval transforms.
+
+Generates CUB-sized JPEGs (500 x 375) into a temporary folder, then measures
+
+- decoding alone in this process: ``datamodules.load_rgb`` (OpenCV) against PIL's
+  ``Image.open(...).convert("RGB")``;
+- decode + transform through a DataLoader for each worker count, train and eval transforms
+  (``workers = 0`` is the main process alone).
+
+OpenCV and torch are limited to one thread each (inherited by the workers), so images/s per worker
+is images/s per core when the machine is otherwise idle; on a shared machine the images per CPU
+second of this process (decoding, and the ``workers = 0`` rows) is the steadier per-core figure. Prints a table and writes ``benchmarks/results/data_pipeline.csv`` and
+``benchmarks/results/data_pipeline.png``.
+
+    python benchmarks/data_pipeline.py [--workers 0 1 2] [--img-size 224] [--seconds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from datamodules import ImageListDataset, Sample, build_eval_transform, build_train_transform, load_rgb
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIELDS = ["measure", "decoder", "workers", "images_per_s", "images_per_s_per_worker", "images_per_cpu_s"]
+
+
+def make_jpegs(folder: Path, count: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> list[str]:
+    """Photo-like JPEGs (smooth colour fields plus sensor-like noise, quality 90, ~60-90 KB)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        coarse = rng.integers(0, 256, (size[1] // 40, size[0] // 40, 3), dtype=np.uint8)
+        smooth = cv2.resize(coarse, size, interpolation=cv2.INTER_CUBIC).astype(np.float32)
+        pixels = np.clip(smooth + rng.normal(0, 10, smooth.shape), 0, 255).astype(np.uint8)
+        path = folder / f"{i:04d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def pil_rgb(path: str) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def decode_rates(decoders: dict[str, Callable[[str], np.ndarray]], paths: list[str], seconds: float) -> dict[str, tuple[float, float]]:
+    """(images per wall second, images per CPU second) of each decoder, measured in alternating
+    rounds so that load from other processes affects all of them alike."""
+    for decode in decoders.values():
+        for path in paths[:8]:  # warm the page cache and the decoder
+            decode(path)
+    totals = {name: [0, 0.0, 0.0] for name in decoders}
+    deadline = time.perf_counter() + seconds * len(decoders)
+    while time.perf_counter() < deadline:
+        for name, decode in decoders.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            for path in paths:
+                decode(path)
+            totals[name][0] += len(paths)
+            totals[name][1] += time.perf_counter() - wall
+            totals[name][2] += time.process_time() - cpu
+    return {name: (n / wall, n / cpu) for name, (n, wall, cpu) in totals.items()}
+
+
+def loader_rates(dataset: ImageListDataset, workers: int, batch_size: int, seconds: float) -> tuple[float, float | None]:
+    """(images per wall second, images per CPU second of this process) once the workers run;
+    start-up and the first batches are not counted. The CPU rate is given for ``workers == 0`` only,
+    where all the work happens in this process."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=True)
+    iterator = iter(loader)
+    for _ in range(max(2, 2 * workers)):
+        next(iterator)
+    count, start, cpu = 0, time.perf_counter(), time.process_time()
+    for images, _ in iterator:
+        count += len(images)
+        if time.perf_counter() - start > seconds:
+            break
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return count / wall, (count / cpu if workers == 0 else None)
+
+
+def run(workers: list[int], img_size: int, seconds: float, num_images: int, batch_size: int) -> list[dict]:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(Path(tmp), num_images)
+        sizes = [os.path.getsize(p) for p in paths]
+        print(f"{num_images} JPEGs of 500x375, {np.mean(sizes) / 1024:.0f} KB on average; output {img_size}px")
+        rates = decode_rates({"opencv": load_rgb, "pil": pil_rgb}, paths, seconds)
+        for decoder, (wall, cpu) in rates.items():
+            rows.append(dict(measure="decode", decoder=decoder, workers=0, images_per_s=wall, images_per_s_per_worker=wall, images_per_cpu_s=cpu))
+        # enough samples that no epoch ends within a measurement
+        samples = [Sample(p, i % 10) for i, p in enumerate(paths)] * 200
+        classes = [str(c) for c in range(10)]
+        for measure, transform in (
+            ("train", build_train_transform(img_size)),
+            ("eval", build_eval_transform(img_size)),
+        ):
+            dataset = ImageListDataset(samples, classes, transform)
+            for n in workers:
+                wall, cpu = loader_rates(dataset, n, batch_size, seconds)
+                rows.append(
+                    dict(measure=measure, decoder="opencv", workers=n, images_per_s=wall, images_per_s_per_worker=wall / max(n, 1), images_per_cpu_s=cpu)
+                )
+    return rows
+
+
+def report(rows: list[dict], out: Path) -> None:
+    print(f"\n{'measure':<8} {'decoder':<8} {'workers':>7} {'images/s':>10} {'per worker':>11} {'per CPU-s':>10}")
+    for r in rows:
+        cpu = "" if r["images_per_cpu_s"] is None else f"{r['images_per_cpu_s']:.0f}"
+        print(
+            f"{r['measure']:<8} {r['decoder']:<8} {r['workers']:>7} {r['images_per_s']:>10.0f} "
+            f"{r['images_per_s_per_worker']:>11.0f} {cpu:>10}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "data_pipeline.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    decode = [r for r in rows if r["measure"] == "decode"]
+    x = np.arange(len(decode))
+    left.bar(x - 0.2, [r["images_per_s"] for r in decode], width=0.4, label="per wall second")
+    left.bar(x + 0.2, [r["images_per_cpu_s"] for r in decode], width=0.4, label="per CPU second")
+    left.set_xticks(x, [r["decoder"] for r in decode])
+    left.set_title("JPEG decode, 500x375, one thread")
+    left.set_ylabel("images / s")
+    left.legend(fontsize=8)
+    for measure, marker in (("train", "o"), ("eval", "s")):
+        points = [r for r in rows if r["measure"] == measure]
+        workers = [r["workers"] for r in points]
+        right.plot(workers, [r["images_per_s"] for r in points], marker=marker, label=f"{measure} total")
+        right.plot(workers, [r["images_per_s_per_worker"] for r in points], marker=marker, linestyle="--", label=f"{measure} per worker")
+        cpu = [r for r in points if r["images_per_cpu_s"] is not None]
+        right.scatter([r["workers"] for r in cpu], [r["images_per_cpu_s"] for r in cpu], marker="*", s=120, label=f"{measure} per CPU second")
+    right.set_xticks(sorted({r["workers"] for r in rows if r["measure"] != "decode"}))
+    right.axhline(150, color="grey", linewidth=0.8, linestyle=":", label="target: 150 train img/s per core")
+    right.set_title("decode + transform through a DataLoader")
+    right.set_xlabel("DataLoader workers (0 = main process)")
+    right.set_ylabel("images / s")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "data_pipeline.png", dpi=120)
+    plt.close(fig)
+    print(f"\nwrote {out / 'data_pipeline.csv'} and {out / 'data_pipeline.png'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each measurement")
+    parser.add_argument("--num-images", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    rows = run(args.workers, args.img_size, args.seconds, args.num_images, args.batch_size)
+    report(rows, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""What the three datamodules share: arguments, transforms, splits and dataloaders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+from .dataset import BadImageRegistry, ImageListDataset, OnDiskDataset, stratified_split
+from .transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    build_eval_transform,
+    build_train_transform,
+)
+
+__all__ = ["ImageClassificationDataModule"]
+
+
+def _init_worker(worker_id: int) -> None:
+    # Forked workers inherit identical augmentation generators: give each its own stream, derived
+    # from torch's per-worker seed (so ``seed_everything`` makes runs repeatable). OpenCV's thread
+    # count is left alone: cv2.setNumThreads in a forked child can deadlock on the thread pool
+    # inherited from the parent.
+    info = get_worker_info()
+    if info is not None and isinstance(info.dataset, ImageListDataset):
+        info.dataset.reseed(info.seed)
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Base datamodule: subclasses name their :class:`OnDiskDataset` and its extra arguments.
+
+    Splits: ``train_dataset`` is the official training split, less a stratified ``val_split``
+    fraction (seeded by ``seed``) when ``val_split > 0``; ``val_dataset`` is that fraction, or the
+    official test split when ``val_split == 0`` (what the papers report); ``test_dataset`` is always
+    the official test split. ``mean``, ``std``, ``interpolation`` and ``crop_pct`` normally come
+    from the model's pretrained config. ``max_bad_images`` bounds the distinct unreadable image
+    files tolerated in the whole run (each is logged and replaced by an image of the same class).
+
+    ``eval_transform`` (RGB ``uint8`` HWC array -> normalized CxHxW tensor) is available right after
+    construction for prediction on single images; ``class_names`` / ``num_classes`` too (read from
+    the dataset's metadata on first access).
+    """
+
+    dataset_class: ClassVar[type[OnDiskDataset]]
+
+    def __init__(
+        self,
+        root: str,
+        img_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        val_split: float = 0.0,
+        seed: int = 0,
+        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        interpolation: str = "bicubic",
+        crop_pct: float = 0.875,
+        train_crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: float = 0.5,
+        color_jitter: float = 0.4,
+        auto_augment: bool = True,
+        re_prob: float = 0.25,
+        max_bad_images: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers}: expected a non-negative integer")
+        if not 0 <= val_split < 1:
+            raise ValueError(f"val_split={val_split}: expected a fraction in [0, 1)")
+        if max_bad_images < 0:
+            raise ValueError(f"max_bad_images={max_bad_images}: expected a non-negative integer")
+        self.root = Path(os.path.expanduser(root))
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.val_split = val_split
+        self.seed = seed
+        self.max_bad_images = max_bad_images
+        self.train_transform = build_train_transform(
+            img_size, mean, std, interpolation, train_crop_scale, hflip, color_jitter, auto_augment, re_prob
+        )
+        self.eval_transform = build_eval_transform(img_size, mean, std, interpolation, crop_pct)
+        self.train_dataset: ImageListDataset | None = None
+        self.val_dataset: ImageListDataset | None = None
+        self.test_dataset: ImageListDataset | None = None
+        self._class_names: list[str] | None = None
+        self._bad_images: BadImageRegistry | None = None
+
+    # -- what subclasses adapt ---------------------------------------------------------------
+
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """Extra constructor arguments of ``dataset_class`` (e.g. ``crop_to_bbox``)."""
+        return {}
+
+    @property
+    def test_split(self) -> str:
+        """Name of the official evaluation split in ``dataset_class.splits``."""
+        return self.dataset_class.splits[-1]
+
+    # -- classes ------------------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> list[str]:
+        if self._class_names is None:
+            self._class_names = self.dataset_class.read_class_names(self.root)
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    # -- datasets -----------------------------------------------------------------------------
+
+    def _load(self, split: str, transform: Any) -> ImageListDataset:
+        if self._bad_images is None:
+            self._bad_images = BadImageRegistry(self.max_bad_images)
+        dataset = self.dataset_class(
+            self.root, split, transform=transform, bad_images=self._bad_images, **self.dataset_kwargs()
+        )
+        self._class_names = dataset.classes
+        return dataset
+
+    def setup(self, stage: str | None = None) -> None:
+        """Parse the annotation files (errors name the bad file) for the datasets ``stage`` needs."""
+        wants_train = stage in (None, "fit")
+        wants_val = stage in (None, "fit", "validate")
+        wants_test = stage in (None, "test")
+        if wants_val and self.val_dataset is None and self.val_split > 0:
+            full = self._load(self.dataset_class.splits[0], None)
+            train_idx, val_idx = stratified_split(full.targets, self.val_split, self.seed)
+            self.train_dataset = full.subset(train_idx, self.train_transform)
+            self.val_dataset = full.subset(val_idx, self.eval_transform)
+        if wants_train and self.train_dataset is None:
+            self.train_dataset = self._load(self.dataset_class.splits[0], self.train_transform)
+        if (wants_test or (wants_val and self.val_dataset is None)) and self.test_dataset is None:
+            self.test_dataset = self._load(self.test_split, self.eval_transform)
+        if wants_val and self.val_dataset is None:
+            self.val_dataset = self.test_dataset
+
+    # -- dataloaders --------------------------------------------------------------------------
+
+    def _dataloader(self, dataset: ImageListDataset | None, name: str, stage: str, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{name} is not set: call setup({stage!r}) first")
+        workers = self.num_workers
+        if train and workers == 0:
+            # no worker to reseed: draw the augmentation seed from torch's generator instead
+            dataset.reseed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            # a train set smaller than one batch would otherwise give empty epochs
+            drop_last=train and len(dataset) >= self.batch_size,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.accelerator.is_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+            worker_init_fn=_init_worker if workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader(self.train_dataset, "train_dataset", "fit", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader(self.val_dataset, "val_dataset", "validate", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader(self.test_dataset, "test_dataset", "test", train=False)

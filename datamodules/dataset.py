@@ -1,0 +1,220 @@
+"""The dataset all formats share: a list of (image path, label, optional box) samples.
+
+Per-format classes (``CUB200``, ``StanfordCars``, ``ImageNet``) only parse their on-disk layout into
+:class:`Sample` lists; decoding, the bounding-box crop, the transform and the handling of unreadable
+files live here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import multiprocessing
+import os
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from .transforms import load_rgb
+
+__all__ = ["BadImageRegistry", "ImageListDataset", "OnDiskDataset", "Sample", "TooManyBadImagesError", "stratified_split"]
+
+logger = logging.getLogger(__name__)
+
+
+class Sample(NamedTuple):
+    path: str
+    label: int
+    #: (x1, y1, x2, y2) in 0-based pixel coordinates, end exclusive; set only when cropping to it.
+    box: tuple[float, float, float, float] | None = None
+
+
+class TooManyBadImagesError(RuntimeError):
+    """More unreadable image files than ``max_bad_images`` were met."""
+
+
+class BadImageRegistry:
+    """The distinct unreadable files met so far, shared by every process that reads the datasets.
+
+    DataLoader workers are separate processes, so a plain counter would let each worker tolerate
+    ``limit`` bad files on its own. The count and the paths live in shared memory created in the
+    main process (inherited by forked workers, passed along when workers are spawned), which makes
+    ``limit`` a bound for the whole run: all splits, all workers, all epochs (per training process:
+    DDP ranks each keep their own count). A file counts once however often it is met.
+    """
+
+    _SLOT = 4096  # bytes kept per path (PATH_MAX on Linux)
+
+    def __init__(self, limit: int = 10) -> None:
+        if limit < 0:
+            raise ValueError(f"max_bad_images={limit}: expected a non-negative integer")
+        self.limit = limit
+        # A lock made by the spawn context can be inherited by forked workers and pickled for spawned
+        # or forkserver ones; one made by the fork context only the former.
+        context = multiprocessing.get_context("spawn")
+        self._count = context.Value(ctypes.c_int, 0)
+        # room for limit + 1 paths: enough to list every file in the final error
+        self._paths = context.RawArray(ctypes.c_char, (limit + 1) * self._SLOT)
+
+    def _recorded(self) -> list[bytes]:
+        stored = min(self._count.value, self.limit + 1)
+        return [self._paths[i * self._SLOT : (i + 1) * self._SLOT].rstrip(b"\0") for i in range(stored)]
+
+    @property
+    def paths(self) -> list[str]:
+        with self._count.get_lock():
+            return [os.fsdecode(p) for p in self._recorded()]
+
+    def add(self, path: str) -> None:
+        """Count ``path`` (once); raise :class:`TooManyBadImagesError` past the limit."""
+        encoded = os.fsencode(path)[: self._SLOT - 1]
+        with self._count.get_lock():
+            recorded = self._recorded()
+            if encoded in recorded:
+                return
+            count = self._count.value
+            if count <= self.limit:
+                self._paths[count * self._SLOT : count * self._SLOT + len(encoded)] = encoded
+                recorded.append(encoded)
+            self._count.value = count = count + 1
+        if count > self.limit:
+            listed = ", ".join(os.fsdecode(p) for p in recorded)
+            raise TooManyBadImagesError(
+                f"{count} unreadable image files, more than max_bad_images={self.limit}: {listed}"
+            )
+
+
+def _crop(image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    height, width = image.shape[:2]
+    x1 = min(max(math.floor(box[0]), 0), width - 1)
+    y1 = min(max(math.floor(box[1]), 0), height - 1)
+    x2 = max(min(math.ceil(box[2]), width), x1 + 1)
+    y2 = max(min(math.ceil(box[3]), height), y1 + 1)
+    return image[y1:y2, x1:x2]
+
+
+class ImageListDataset(Dataset):
+    """Images given as a list of samples; an item is ``(transform(rgb_uint8_hwc), label)``.
+
+    Without a transform the item is the RGB ``uint8`` array itself. A file that cannot be decoded
+    during an epoch is logged (warning with its path) and replaced by the next readable image of the
+    same class; ``bad_images`` bounds how many distinct such files are tolerated.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        classes: Sequence[str],
+        transform: Callable[[np.ndarray], Any] | None = None,
+        bad_images: BadImageRegistry | None = None,
+    ) -> None:
+        self.samples = list(samples)
+        self.classes = list(classes)
+        self.transform = transform
+        self.bad_images = bad_images if bad_images is not None else BadImageRegistry()
+        self._known_bad: set[int] = set()  # per process: indices that failed here already
+        self._by_class: dict[int, list[int]] | None = None
+
+    @property
+    def targets(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, index: int) -> np.ndarray:
+        """The decoded RGB image of sample ``index``, cropped to its box when it has one."""
+        sample = self.samples[index]
+        image = load_rgb(sample.path)
+        return image if sample.box is None else _crop(image, sample.box)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        current = index
+        while True:
+            if current not in self._known_bad:
+                try:
+                    image = self.load_image(current)
+                    break
+                except OSError as err:  # missing since setup, truncated, corrupt
+                    self._known_bad.add(current)
+                    logger.warning("skipping unreadable image %s (%s)", self.samples[current].path, err)
+                    self.bad_images.add(self.samples[current].path)
+            current = self._next_of_same_class(index, current)
+        label = self.samples[current].label
+        return (image if self.transform is None else self.transform(image)), label
+
+    def _next_of_same_class(self, requested: int, current: int) -> int:
+        if self._by_class is None:
+            self._by_class = {}
+            for i, s in enumerate(self.samples):
+                self._by_class.setdefault(s.label, []).append(i)
+        members = self._by_class[self.samples[requested].label]
+        start = bisect_right(members, current)
+        for k in range(len(members)):
+            candidate = members[(start + k) % len(members)]
+            if candidate not in self._known_bad:
+                return candidate
+        label = self.samples[requested].label
+        raise TooManyBadImagesError(
+            f"every image of class {label} ({self.classes[label]}) is unreadable, e.g. {self.samples[requested].path}"
+        )
+
+    def subset(
+        self, indices: Sequence[int], transform: Callable[[np.ndarray], Any] | None = None
+    ) -> ImageListDataset:
+        """The samples at ``indices`` with another transform, sharing this dataset's bad-image budget."""
+        return ImageListDataset([self.samples[i] for i in indices], self.classes, transform, self.bad_images)
+
+    def reseed(self, seed: int) -> None:
+        """Reseed the transform's random generators when it has any (used per DataLoader worker)."""
+        set_random_seed = getattr(self.transform, "set_random_seed", None)
+        if set_random_seed is not None:
+            set_random_seed(seed)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} images, {len(self.classes)} classes)"
+
+
+def stratified_split(labels: Sequence[int], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Split indices into (train, val) with ``fraction`` of each class in val, deterministically.
+
+    Every class with at least two samples keeps at least one on each side; a class with a single
+    sample stays in train.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"val_split={fraction}: expected a fraction in (0, 1)")
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    order = np.argsort(labels_arr, kind="stable")
+    _, starts = np.unique(labels_arr[order], return_index=True)
+    val: list[np.ndarray] = []
+    for begin, end in zip(starts, [*starts[1:], len(order)], strict=True):
+        members = rng.permutation(order[begin:end])
+        n_val = min(max(round(len(members) * fraction), 1), len(members) - 1)
+        val.append(members[:n_val])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    train_mask = np.ones(len(labels_arr), dtype=bool)
+    train_mask[val_idx] = False
+    return np.flatnonzero(train_mask).tolist(), val_idx.tolist()
+
+
+class OnDiskDataset(ImageListDataset):
+    """A dataset read from its published on-disk layout (one subclass per dataset)."""
+
+    #: split names accepted by the constructor; the first is the training split
+    splits: tuple[str, ...] = ("train", "test")
+
+    @classmethod
+    def read_class_names(cls, root: str | os.PathLike[str]) -> list[str]:
+        """Class names in label order, read from the metadata only (no image listing)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_split(cls, split: str) -> str:
+        if split not in cls.splits:
+            raise ValueError(f"split={split!r}: expected one of {list(cls.splits)}")
+        return split
