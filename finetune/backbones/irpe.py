@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .tracing import grid_constant
+
 __all__ = [
     "RPEConfig",
     "piecewise_index",
@@ -185,7 +187,9 @@ def _scaled_offset(offset: Tensor, size: int, trained: int) -> Tensor:
     return nearest.clamp(1 - trained, trained - 1).long()
 
 
+@grid_constant  # compile / export hold the ids as constants (finetune/backbones/tracing.py)
 @functools.lru_cache(maxsize=256)
+@torch.inference_mode(False)  # cached ids first built under inference mode must still serve training
 def bucket_ids(
     method: str, height: int, width: int, config: RPEConfig, device: torch.device | None = None
 ) -> Tensor:
@@ -259,8 +263,9 @@ class ImageRPE(nn.Module):
     def bucket_ids(self, height: int, width: int, device: torch.device) -> Tensor:
         return bucket_ids(self.method, height, width, self.config, device)
 
-    def attn_bias(self, x: Tensor, height: int, width: int, reference: bool = False) -> Tensor:
-        """Logit term for q or k placement; ``x`` is (B, H, n, d) scaled queries (on k) or keys (on q).
+    def attn_bias(self, x: Tensor, height: int, width: int, reference: bool = False, scale: float = 1.0) -> Tensor:
+        """Logit term for q or k placement; ``x`` is (B, H, n, d) queries (on k) or keys (on q), and
+        ``scale`` the attention scale 1/sqrt(d) that the released code applies to them first.
 
         Both placements compute term[i, j] = x_i . r_{b(i, j)}; on queries the term at (i, j) reads
         the key's row, k_j . r_{b(j, i)}, which is that term transposed.
@@ -270,9 +275,9 @@ class ImageRPE(nn.Module):
             term = self.lookup_table_bias[:, ids].unsqueeze(0)  # (1, H or 1, n, n)
         elif reference:
             per_pair = self.lookup_table_weight[:, :, ids].expand(self.num_heads, -1, -1, -1)  # (H, d, n, n)
-            term = torch.einsum("bhid,hdij->bhij", x, per_pair)
+            term = torch.einsum("bhid,hdij->bhij", x * scale, per_pair)
         else:
-            per_bucket = x @ self.lookup_table_weight.to(x.dtype)  # (B, H, n, K)
+            per_bucket = (x @ self.lookup_table_weight.to(x.dtype)).mul_(scale)  # (B, H, n, K)
             term = per_bucket.gather(-1, ids.expand(per_bucket.shape[:-2] + ids.shape))
         return term if self.on == "k" else term.transpose(-1, -2)
 
@@ -296,8 +301,9 @@ class CrossImageRPE(nn.Module):
         self.rp_rows = ImageRPE("cross_rows", on, num_heads, head_dim, config)
         self.rp_cols = ImageRPE("cross_cols", on, num_heads, head_dim, config)
 
-    def attn_bias(self, x: Tensor, height: int, width: int, reference: bool = False) -> Tensor:
-        return self.rp_rows.attn_bias(x, height, width, reference) + self.rp_cols.attn_bias(x, height, width, reference)
+    def attn_bias(self, x: Tensor, height: int, width: int, reference: bool = False, scale: float = 1.0) -> Tensor:
+        rows = self.rp_rows.attn_bias(x, height, width, reference, scale)
+        return rows + self.rp_cols.attn_bias(x, height, width, reference, scale)
 
     def value_term(self, attn: Tensor, height: int, width: int, reference: bool = False) -> Tensor:
         return self.rp_rows.value_term(attn, height, width, reference) + self.rp_cols.value_term(
@@ -323,12 +329,91 @@ def build_rpe(config: RPEConfig, num_heads: int, head_dim: int) -> tuple[nn.Modu
 # --------------------------------------------------------------------------------------------------
 
 
+class _RecomputedAttention(torch.autograd.Function):
+    """softmax(q k^T s + bias) v (+ the value term) that saves no n x n tensor.
+
+    Forward runs without autograd and keeps only q, k and v; backward recomputes the attention
+    (one n x n matmul and a softmax, as flash attention does) and sends the logit gradient into the
+    RPE tables by autograd through the small per-bucket products, so every method, mode and
+    placement reuses the RPE modules' own code. Both run one image at a time: the n x n blocks
+    then stay in cache, which more than pays for the recomputation on the CPU.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, layer: RPEAttention, grid: tuple[int, int], q: Tensor, k: Tensor, v: Tensor, *tables: Tensor
+    ) -> Tensor:
+        """``tables`` are the layer's RPE parameters (q/k tables, then v tables), passed so they get gradients."""
+        # Contiguous copies (the projection's output is then freed): every matmul in backward reads them.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = torch.empty_like(q)
+        for i in range(q.shape[0]):
+            qi, ki, vi = q[i : i + 1], k[i : i + 1], v[i : i + 1]
+            attn = layer._logits(qi, ki, grid).softmax(dim=-1)
+            out_i = torch.matmul(attn, vi, out=out[i : i + 1])
+            if layer.rpe_v is not None:
+                out_i += layer.rpe_v.value_term(attn, *grid)
+        ctx.layer, ctx.grid = layer, grid
+        ctx.save_for_backward(q, k, v)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        layer, grid = ctx.layer, ctx.grid
+        q, k, v = ctx.saved_tensors
+        qk_tables, v_tables = layer.rpe_tables()
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        grad_tables: list[Tensor | None] = [None] * (len(qk_tables) + len(v_tables))
+        for i in range(q.shape[0]):
+            grads = _recomputed_backward(layer, grid, q[i : i + 1], k[i : i + 1], v[i : i + 1], grad_out[i : i + 1])
+            grad_q[i], grad_k[i], grad_v[i] = grads[0][0], grads[1][0], grads[2][0]
+            grad_tables = [g if acc is None else acc if g is None else acc + g for acc, g in zip(grad_tables, grads[3:], strict=True)]
+        return (None, None, grad_q, grad_k, grad_v, *grad_tables)
+
+
+def _recomputed_backward(
+    layer: RPEAttention, grid: tuple[int, int], q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor
+) -> tuple[Tensor | None, ...]:
+    """Gradients of q, k, v and of the RPE tables (q/k tables, then v tables) for one chunk."""
+    qk_tables, v_tables = layer.rpe_tables()
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+    with torch.enable_grad():
+        bias = layer._logit_bias(q, k, grid)
+    with torch.no_grad():
+        logits = (q @ k.transpose(-2, -1)).mul_(layer.scale)
+        if bias is not None:
+            logits += bias
+        attn = logits.softmax(dim=-1)
+        grad_v = attn.transpose(-2, -1) @ grad_out
+        grad_attn = grad_out @ v.transpose(-2, -1)
+    grad_v_tables: list[Tensor | None] = []
+    if layer.rpe_v is not None:
+        attn.requires_grad_()
+        with torch.enable_grad():
+            term = layer.rpe_v.value_term(attn, *grid)
+        grad_extra, *grad_v_tables = torch.autograd.grad(term, [attn, *v_tables], grad_out)
+        grad_attn += grad_extra
+        attn = attn.detach()
+    with torch.no_grad():
+        grad_logits = torch.ops.aten._softmax_backward_data(grad_attn, attn, -1, attn.dtype)
+        grad_q = (grad_logits @ k).mul_(layer.scale)
+        grad_k = (grad_logits.transpose(-2, -1) @ q).mul_(layer.scale)
+    grad_qk_tables: list[Tensor | None] = [None] * len(qk_tables)
+    if bias is not None:
+        grad_bias = grad_logits.sum_to_size(bias.shape)  # bias-mode terms broadcast over batch and shared heads
+        extra_q, extra_k, *grad_qk_tables = torch.autograd.grad(bias, [q, k, *qk_tables], grad_bias, allow_unused=True)
+        grad_q = grad_q if extra_q is None else grad_q + extra_q
+        grad_k = grad_k if extra_k is None else grad_k + extra_k
+    return (grad_q, grad_k, grad_v, *grad_qk_tables, *grad_v_tables)
+
+
 class RPEAttention(nn.Module):
     """Multi-head self-attention with iRPE on queries, keys and/or values.
 
     Query/key terms enter ``scaled_dot_product_attention`` as an additive float mask, so the fused
-    kernels apply. The value term needs the attention weights, so with RPE on values the softmax is
-    explicit. ``reference = True`` switches every term to the plain per-pair formulas (for tests).
+    kernels apply on CUDA and in CPU inference. CPU training (eager) recomputes the attention in
+    backward instead of saving it (``_RecomputedAttention``), so RPE costs almost no memory.
+    ``reference = True`` switches every term to the plain per-pair formulas (for tests).
     """
 
     def __init__(
@@ -354,6 +439,11 @@ class RPEAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(self.rpe_config, self.num_heads, self.head_dim)
 
+    def rpe_tables(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The RPE parameters of queries and keys, and those of values."""
+        qk = [p for rpe in (self.rpe_q, self.rpe_k) if rpe is not None for p in rpe.parameters()]
+        return qk, ([] if self.rpe_v is None else list(self.rpe_v.parameters()))
+
     def _grid(self, num_tokens: int, grid_size: tuple[int, int] | None) -> tuple[int, int]:
         skip = self.rpe_config.skip
         if grid_size is None:  # square grid, as the released code assumes
@@ -367,59 +457,73 @@ class RPEAttention(nn.Module):
             )
         return int(height), int(width)
 
-    def _project(self, x: Tensor, grid_size: tuple[int, int] | None) -> tuple[Tensor, ...]:
-        """Scaled queries, keys, values (B, H, n, d), the summed q/k RPE logit term (or None) and the grid."""
+    def _qkv(self, x: Tensor, grid_size: tuple[int, int] | None) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+        """Queries, keys, values (B, H, n, d) and the grid. Queries stay unscaled: the logits are
+        scaled in place instead, which saves a (B, H, n, d) activation."""
         batch, num_tokens, _ = x.shape
-        height, width = self._grid(num_tokens, grid_size)
+        grid = self._grid(num_tokens, grid_size)
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        q = q * self.scale
+        return q, k, v, grid
+
+    def _logit_bias(self, q: Tensor, k: Tensor, grid: tuple[int, int]) -> Tensor | None:
+        """The summed q/k RPE logit term, or None without RPE on q and k."""
         bias = None
         if self.rpe_k is not None:
-            bias = self.rpe_k.attn_bias(q, height, width, self.reference)
+            bias = self.rpe_k.attn_bias(q, *grid, self.reference, self.scale)
         if self.rpe_q is not None:
-            term = self.rpe_q.attn_bias(k * self.scale, height, width, self.reference)
+            term = self.rpe_q.attn_bias(k, *grid, self.reference, self.scale)
             bias = term if bias is None else bias + term
-        return q, k, v, bias, (height, width)
+        return bias
 
-    @staticmethod
-    def _softmax(q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
-        logits = q @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        return logits.softmax(dim=-1)
+    def _logits(self, q: Tensor, k: Tensor, grid: tuple[int, int]) -> Tensor:
+        logits = (q @ k.transpose(-2, -1)).mul_(self.scale)  # in place: matmul does not save its output
+        bias = self._logit_bias(q, k, grid)
+        return logits if bias is None else logits.add_(bias)
 
-    def _use_sdpa(self, q: Tensor, bias: Tensor | None) -> bool:
-        """Whether ``scaled_dot_product_attention`` computes this layer (otherwise an explicit softmax).
+    def _path(self, q: Tensor) -> str:
+        """How this call computes attention: ``sdpa``, ``recompute`` or ``explicit``.
 
-        The value term needs the attention weights, and the reference path is explicit by design.
-        On the CPU, SDPA has no fused backward for a float mask that needs a gradient: it falls back
-        to its math kernel, which measures slower than the explicit softmax (benchmarks/backbones.py),
-        so CPU training with q/k RPE is explicit; CPU inference and CUDA keep the fused kernels.
+        The value term needs the attention weights and the reference path is explicit by design.
+        On the CPU, SDPA has no fused backward for a float mask that needs a gradient (it falls back
+        to its math kernel, slower than an explicit softmax), so eager CPU training recomputes the
+        attention in backward; compiled graphs leave memory planning to the compiler.
         """
-        if self.reference or self.rpe_v is not None:
-            return False
-        return q.is_cuda or bias is None or not (torch.is_grad_enabled() and bias.requires_grad)
+        has_qk_rpe = self.rpe_q is not None or self.rpe_k is not None
+        training_grad = torch.is_grad_enabled() and q.requires_grad
+        if self.reference:
+            return "explicit"
+        if self.rpe_v is None and (q.is_cuda or not has_qk_rpe or not training_grad):
+            return "sdpa"
+        no_dropout = self.attn_drop.p == 0 or not self.training
+        eager_full_precision_cpu = not (q.is_cuda or q.dtype in (torch.float16, torch.bfloat16) or torch.compiler.is_compiling())
+        if training_grad and no_dropout and eager_full_precision_cpu:
+            return "recompute"
+        return "explicit"
 
     @torch.no_grad()
     def attention_weights(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
         """Attention probabilities (B, H, n, n) for input tokens ``x`` (what the visualiser draws)."""
-        q, k, _, bias, _ = self._project(x, grid_size)
-        return self._softmax(q, k, bias)
+        q, k, _, grid = self._qkv(x, grid_size)
+        return self._logits(q, k, grid).softmax(dim=-1)
 
     def forward(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
         batch, num_tokens, dim = x.shape
-        q, k, v, bias, (height, width) = self._project(x, grid_size)
-        if self._use_sdpa(q, bias):
-            if bias is not None:
-                bias = bias.to(q.dtype)
+        q, k, v, grid = self._qkv(x, grid_size)
+        path = self._path(q)
+        if path == "sdpa":
+            bias = self._logit_bias(q, k, grid)
             dropout = self.attn_drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
+            mask = None if bias is None else bias.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+        elif path == "recompute":
+            qk_tables, v_tables = self.rpe_tables()
+            out = _RecomputedAttention.apply(self, grid, q, k, v, *qk_tables, *v_tables)
         else:
-            attn = self.attn_drop(self._softmax(q, k, bias))
+            attn = self.attn_drop(self._logits(q, k, grid).softmax(dim=-1))
             out = attn @ v
             if self.rpe_v is not None:
-                out = out + self.rpe_v.value_term(attn, height, width, self.reference).to(out.dtype)
+                out = out + self.rpe_v.value_term(attn, *grid, self.reference).to(out.dtype)
 
         out = out.transpose(1, 2).reshape(batch, num_tokens, dim)
         return self.proj_drop(self.proj(out))
