@@ -346,15 +346,17 @@ class _RecomputedAttention(torch.autograd.Function):
         """``tables`` are the layer's RPE parameters (q/k tables, then v tables), passed so they get gradients."""
         # Contiguous copies (the projection's output is then freed): every matmul in backward reads them.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        ctx.layer, ctx.grid = layer, grid
+        ctx.save_for_backward(q, k, v)
+        if layer.rpe_v is None:  # no attention weights needed: the fused kernel takes the RPE as a mask
+            mask = layer._logit_bias(q, k, grid)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scale)
         out = torch.empty_like(q)
         for i in range(q.shape[0]):
             qi, ki, vi = q[i : i + 1], k[i : i + 1], v[i : i + 1]
             attn = layer._logits(qi, ki, grid).softmax(dim=-1)
             out_i = torch.matmul(attn, vi, out=out[i : i + 1])
-            if layer.rpe_v is not None:
-                out_i += layer.rpe_v.value_term(attn, *grid)
-        ctx.layer, ctx.grid = layer, grid
-        ctx.save_for_backward(q, k, v)
+            out_i += layer.rpe_v.value_term(attn, *grid)
         return out
 
     @staticmethod
