@@ -387,3 +387,12 @@ def test_grad_checkpointing_matches_plain_forward():
     plain = model(x)
     model.set_grad_checkpointing(True)
     torch.testing.assert_close(model(x), plain)
+
+
+def test_official_checkpoint_loads_with_a_new_class_count_for_fine_tuning(tmp_path):
+    name = "deit_tiny_patch16_224_ctx_product_50_shared_k"
+    path = tmp_path / f"{name}.pth"
+    source = _write_official_checkpoint(path, name, depth=1)
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), depth=1, num_classes=10)
+    assert loaded.head.weight.shape == (10, 192)
+    assert torch.equal(loaded.blocks[0].attn.rpe_k.lookup_table_weight, source.blocks[0].attn.rpe_k.lookup_table_weight)

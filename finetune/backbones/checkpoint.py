@@ -13,16 +13,28 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _replaced_classifiers(model: nn.Module) -> tuple[str, ...]:
+    """Key prefixes of the classifier(s) when the model has a new class count: timm drops those keys."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if getattr(model, "num_classes", None) == cfg.get("num_classes", getattr(model, "num_classes", None)):
+        return ()
+    names = cfg.get("classifier") or ()
+    return tuple(f"{name}." for name in ((names,) if isinstance(names, str) else names))
+
+
 def check_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Return ``state_dict`` unchanged if its keys and shapes are exactly the model's.
 
     Otherwise raise a one-line error naming the first mismatching key (in the model's order) and
-    both shapes, so a checkpoint for another architecture is recognised at once.
+    both shapes, so a checkpoint for another architecture is recognised at once. Classifier keys are
+    not checked when the model was built with a new class count (fine-tuning): timm drops them.
     """
     arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-    expected = model.state_dict()
+    classifiers = _replaced_classifiers(model)
+    expected = {k: v for k, v in model.state_dict().items() if not (classifiers and k.startswith(classifiers))}
+    state_dict_body = {k: v for k, v in state_dict.items() if not (classifiers and k.startswith(classifiers))}
     for key, param in expected.items():
-        if key not in state_dict:
+        if key not in state_dict_body:
             raise CheckpointMismatchError(
                 f"checkpoint lacks key {key!r} (model {arch} expects shape {_shape(param)}); "
                 "is the checkpoint for another architecture?"
@@ -32,7 +44,7 @@ def check_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> dict[st
                 f"checkpoint key {key!r} has shape {_shape(state_dict[key])} but model {arch} expects "
                 f"{_shape(param)}; is the checkpoint for another architecture?"
             )
-    unexpected = [key for key in state_dict if key not in expected]
+    unexpected = [key for key in state_dict_body if key not in expected]
     if unexpected:
         raise CheckpointMismatchError(
             f"checkpoint key {unexpected[0]!r} (shape {_shape(state_dict[unexpected[0]])}) does not exist in "

@@ -18,6 +18,7 @@ from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
+from ..resize import checkpoint_grid, convert_rpe_tables, pretrained_grid
 from .checkpoint import check_state_dict
 from .irpe import RPEAttention, RPEConfig
 
@@ -84,8 +85,20 @@ class IRPEVisionTransformer(VisionTransformer):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: IRPEVisionTransformer) -> dict[str, torch.Tensor]:
-    """Unwrap an official ``{'model': ...}`` file, resample pos_embed to the model's grid, check every key."""
+    """Unwrap an official ``{'model': ...}`` file, move it to the model's grid, check every key.
+
+    pos_embed is resampled by timm's ViT filter; the iRPE tables follow the model's
+    ``rpe_config.resize`` strategy (``finetune.resize.convert_rpe_tables``).
+    """
+    state_dict = state_dict.get("model", state_dict)
+    if "pos_embed" in state_dict:
+        old_grid = checkpoint_grid(
+            state_dict["pos_embed"], model.num_prefix_tokens, model, state_dict.get("patch_embed.proj.weight")
+        )
+    else:  # no absolute position embedding (pos_embed='none')
+        old_grid = pretrained_grid(model)
     state_dict = vit_checkpoint_filter_fn(state_dict, model)
+    state_dict = convert_rpe_tables(state_dict, model, old_grid)
     return check_state_dict(state_dict, model)
 
 
@@ -155,6 +168,12 @@ def _entrypoint(name: str, size: str, rpe_config: RPEConfig) -> Any:
     """A timm entry point that only sets architecture arguments; keyword arguments override them."""
 
     def create(pretrained: bool = False, **kwargs: Any) -> IRPEVisionTransformer:
+        if isinstance(kwargs.get("rpe_config"), dict):
+            # A dict overrides key by key the settings of the source (a Hub config) or of this name,
+            # so a recipe can give ``rpe_config: {resize: scale}`` alone.
+            source = kwargs.get("pretrained_model_args", {}).get("rpe_config")
+            base = RPEConfig.from_any(source if isinstance(source, dict) else rpe_config).to_dict()
+            kwargs["rpe_config"] = {**base, **kwargs["rpe_config"]}
         args = {**ARCHITECTURES[size], "rpe_config": rpe_config, **kwargs}
         return _create_irpe_deit(name, pretrained=pretrained, **args)
 

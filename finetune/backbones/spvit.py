@@ -1,0 +1,586 @@
+"""SP-ViT (Zhou et al., BMVC 2022, arXiv:2206.07662): spatial-prior self-attention on the LV-ViT body.
+
+SP-SA multiplies each content logit by a learned spatial prior of the raw patch offset between query
+and key, one small MLP per head. The body is LV-ViT as released (Jiang et al., "All Tokens Matter"):
+a 4-convolution patch stem, residual branches divided by ``skip_lam``, a depthwise 3x3 convolution
+on the patch tokens after every block, and an auxiliary head over the patch tokens. The first
+``sp_layers`` blocks use SP-SA and see only patch tokens; the class token joins before block
+``sp_layers`` and the remaining blocks use plain attention.
+
+Parameter names are the release's, so its timm CheckpointSaver files (``state_dict`` and
+``state_dict_ema``, keys possibly prefixed ``module.``) load without renaming through
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``; pass
+``use_ema=False`` to load the training weights instead of the EMA ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers.attention import Attention
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    load_state_dict,
+    register_model,
+    resolve_pretrained_cfg,
+)
+from timm.models._hub import download_cached_file
+from timm.models._input import update_model_args
+from timm.models._manipulate import checkpoint, named_apply
+from timm.models.vision_transformer import init_weights_vit_timm
+from torch import Tensor, nn
+
+from ..resize import PRIOR_RESIZE_STRATEGIES, prior_offset_scale
+from .checkpoint import check_state_dict
+from .tracing import grid_constant
+
+__all__ = ["SPViT", "SPSAttention", "SPViTBlock", "ConvStem", "offset_table", "checkpoint_filter_fn"]
+
+_logger = logging.getLogger(__name__)
+
+# Weight of the auxiliary (token) head in the inference output, as released.
+AUX_LOGIT_WEIGHT = 0.5
+
+
+@grid_constant  # compile / export hold the table as constants (finetune/backbones/tracing.py)
+@functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)  # a table first built under inference mode must still serve training
+def offset_table(height: int, width: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """The distinct patch offsets of an h x w grid and the offset of every (query, key) pair.
+
+    Returns ``offsets``, ((2h-1)(2w-1), 2) float rows (dx, dy) = (col_j - col_i, row_j - row_i), and
+    ``index``, (n*n,) long with n = h*w: the ``offsets`` row of pair (i, j) at i*n + j, tokens in
+    row-major order. Cached per grid and device; the tensors are shared, do not modify them.
+    """
+    dy, dx = torch.meshgrid(torch.arange(1 - height, height), torch.arange(1 - width, width), indexing="ij")
+    offsets = torch.stack([dx.flatten(), dy.flatten()], dim=1).float()
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    row_offset = rows[None, :] - rows[:, None] + height - 1
+    col_offset = cols[None, :] - cols[:, None] + width - 1
+    index = (row_offset * (2 * width - 1) + col_offset).flatten()
+    return offsets.to(device), index.to(device)
+
+
+class SPSAttention(nn.Module):
+    """Spatial-prior self-attention: logit_ij = SP_h(dx, dy) * (q_i . k_j) / sqrt(d), softmax over j.
+
+    SP_h is a per-head 2 -> head_dim -> 1 ReLU MLP of the patch offset, held as released: ``w1`` is
+    Linear(2, dim) whose output channels are split into heads by blocks, ``w2`` (dim, 1) is viewed
+    (heads, head_dim) and ``b2`` holds one bias per head. w2 = 0 and b2 = 1 at init, so a fresh
+    layer is plain attention. The prior depends on the offset only: each forward evaluates it once
+    on the (2h-1)(2w-1) distinct offsets and gathers it to n x n. ``offset_scale`` (x, y) multiplies
+    the raw offsets before the MLP: 1 as released; the model passes trained/current grid under
+    ``prior_resize='scale'`` (``finetune.resize.prior_offset_scale``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.w1 = nn.Linear(2, dim)
+        self.w2 = nn.Parameter(torch.zeros(dim, 1))
+        self.b2 = nn.Parameter(torch.ones(num_heads))
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}"
+
+    def spatial_prior(
+        self, grid_size: tuple[int, int], offset_scale: tuple[float, float] = (1.0, 1.0)
+    ) -> Tensor:
+        """SP_h(dx, dy) for every head and (query, key) pair of the grid, (heads, n, n)."""
+        height, width = grid_size
+        offsets, index = offset_table(height, width, self.w1.weight.device)
+        offsets = offsets.to(self.w1.weight.dtype)
+        if tuple(offset_scale) != (1.0, 1.0):
+            offsets = offsets * offsets.new_tensor(offset_scale)
+        hidden = F.relu(self.w1(offsets)).view(-1, self.num_heads, self.head_dim)  # (M, H, d)
+        per_offset = torch.einsum("mhd,hd->hm", hidden, self.w2.view(self.num_heads, self.head_dim))
+        per_offset = per_offset + self.b2[:, None]  # (H, M)
+        n = height * width
+        return per_offset.index_select(1, index).view(self.num_heads, n, n)
+
+    def forward(
+        self, x: Tensor, grid_size: tuple[int, int], offset_scale: tuple[float, float] = (1.0, 1.0)
+    ) -> Tensor:
+        batch, num_tokens, dim = x.shape
+        if num_tokens != grid_size[0] * grid_size[1]:
+            raise ValueError(
+                f"SPSAttention: {num_tokens} tokens do not match the {grid_size[0]}x{grid_size[1]} patch grid "
+                "(SP-SA layers see patch tokens only)"
+            )
+        q, k = self.qk(x).reshape(batch, num_tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        v = self.v(x).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        # The scale folds into the (heads, n, n) prior, so the batch-sized logits see one multiply.
+        prior = (self.spatial_prior(grid_size, offset_scale) * self.scale).to(q.dtype)
+        # A batch's n x n logits overflow CPU caches; image by image they stay cache-resident (about
+        # twice as fast here, and no copies of q, k, v). Accelerators take the whole batch at once, and
+        # so do compiled / exported graphs (splitting the batch would fix their batch size).
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            images = zip(q.split(1), k.split(1), v.split(1), strict=True)
+            out = torch.cat([self._attend(qc, kc, vc, prior) for qc, kc, vc in images])
+        else:
+            out = self._attend(q, k, v, prior)
+        out = out.transpose(1, 2).reshape(batch, num_tokens, dim)
+        return self.proj_drop(self.proj(out))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, prior: Tensor) -> Tensor:
+        attn = ((q @ k.transpose(-2, -1)) * prior).softmax(dim=-1)
+        return self.attn_drop(attn) @ v
+
+    @torch.no_grad()
+    def attention_weights(
+        self, x: Tensor, grid_size: tuple[int, int], offset_scale: tuple[float, float] = (1.0, 1.0)
+    ) -> Tensor:
+        """Attention probabilities (B, H, n, n) for input tokens ``x`` (what the visualiser draws)."""
+        batch, num_tokens, _ = x.shape
+        q, k = self.qk(x).reshape(batch, num_tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        prior = self.spatial_prior(grid_size, offset_scale) * self.scale
+        return ((q @ k.transpose(-2, -1)) * prior).softmax(dim=-1)
+
+
+class PosConv(nn.Module):
+    """Depthwise 3x3 convolution with a residual over the patch tokens; leading tokens pass through.
+
+    The convolution sits in a one-element Sequential so its parameters are ``proj.0.*`` as released.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim))
+
+    def forward(self, x: Tensor, grid_size: tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
+        prefix, tokens = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+        feat = tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid_size)
+        tokens = (self.proj(feat) + feat).flatten(2).transpose(1, 2)
+        return torch.cat([prefix, tokens], dim=1) if num_prefix_tokens else tokens
+
+
+class SPViTBlock(nn.Module):
+    """LV-ViT block: pre-norm attention and MLP branches divided by ``skip_lam``, then ``PosConv``.
+
+    ``spatial_prior`` selects SP-SA (patch tokens only) over plain multi-head attention;
+    ``num_prefix_tokens`` is how many leading tokens (the class token) the block sees.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 3.0,
+        qkv_bias: bool = False,
+        skip_lam: float = 1.0,
+        spatial_prior: bool = False,
+        num_prefix_tokens: int = 0,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        self.skip_lam = skip_lam
+        self.spatial_prior = spatial_prior
+        self.num_prefix_tokens = num_prefix_tokens
+        self.norm1 = norm_layer(dim)
+        if spatial_prior:
+            self.attn = SPSAttention(
+                dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop
+            )
+        else:
+            self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.pos_block = PosConv(dim)
+
+    def forward(
+        self, x: Tensor, grid_size: tuple[int, int], offset_scale: tuple[float, float] = (1.0, 1.0)
+    ) -> Tensor:
+        y = self.norm1(x)
+        y = self.attn(y, grid_size, offset_scale) if self.spatial_prior else self.attn(y)
+        x = x + self.drop_path1(y) / self.skip_lam
+        x = x + self.drop_path2(self.mlp(self.norm2(x))) / self.skip_lam
+        return self.pos_block(x, grid_size, self.num_prefix_tokens)
+
+
+class ConvStem(nn.Module):
+    """LV-ViT patch stem: conv 7x7 stride 2, two 3x3 convs (each followed by BN and ReLU), then a
+    (patch/2) x (patch/2) projection with that stride. Returns the (B, C, h, w) patch map."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        stem_channels: int = 64,
+    ) -> None:
+        super().__init__()
+        if patch_size % 2:
+            raise ValueError(
+                f"patch_size={patch_size}: expected an even size (a stride-2 conv precedes the projection)"
+            )
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.grid_size = self.feat_size(self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        c = stem_channels
+        self.conv1 = nn.Conv2d(in_chans, c, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.proj = nn.Conv2d(c, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
+
+    def feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid of an image size."""
+        half = self.patch_size[0] // 2
+        return ((img_size[0] + 1) // 2 // half, (img_size[1] + 1) // 2 // half)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn3(self.conv3(x)))
+        return self.proj(x)
+
+
+class SPViT(nn.Module):
+    """SP-ViT: the LV-ViT body whose first ``sp_layers`` blocks use SP-SA.
+
+    ``forward`` returns class logits: cls_logits + 0.5 * max over patch tokens of aux_head(token),
+    in training and inference alike, so plain cross-entropy fine-tuning works unchanged. With
+    ``return_token_logits=True`` a model in training mode instead returns ``(cls_logits,
+    token_logits)``, (B, classes) and (B, n, classes), the outputs a token-labelling loss needs.
+    The release's MixToken augmentation is not part of the model.
+
+    ``pos_embed`` covers the patch tokens only while SP-SA layers exist (``sp_layers`` > 0); with
+    ``sp_layers=0`` (plain LV-ViT) the class token joins first and has a pos_embed slot.
+    ``stem_channels`` is the width of the convolutional stem (64 for S/M, 128 for L);
+    ``prior_resize`` says how the priors meet a grid other than ``trained_grid`` (the grid the
+    weights were trained on, recorded by ``checkpoint_filter_fn``): ``keep`` feeds raw patch
+    offsets (as released), ``scale`` offsets in units of ``trained_grid`` (DESIGN section 6).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 384,
+        depth: int = 16,
+        num_heads: int = 6,
+        mlp_ratio: float = 3.0,
+        qkv_bias: bool = False,
+        sp_layers: int = 14,
+        skip_lam: float = 2.0,
+        stem_channels: int = 64,
+        prior_resize: str = "keep",
+        trained_grid: tuple[int, int] | None = None,
+        return_token_logits: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        act_layer: type[nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= sp_layers < depth:
+            raise ValueError(
+                f"sp_layers={sp_layers}: expected 0 <= sp_layers < depth={depth} "
+                "(the class token joins before block sp_layers)"
+            )
+        if prior_resize not in PRIOR_RESIZE_STRATEGIES:
+            raise ValueError(
+                f"prior_resize={prior_resize!r}: expected one of {', '.join(PRIOR_RESIZE_STRATEGIES)}"
+            )
+        if trained_grid is not None and len(trained_grid) != 2:
+            raise ValueError(f"trained_grid={trained_grid!r}: expected None or a (rows, cols) pair")
+        norm_layer = norm_layer or nn.LayerNorm  # eps 1e-5, as released
+        act_layer = act_layer or nn.GELU
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.sp_layers = sp_layers
+        self.prior_resize = prior_resize
+        self.trained_grid = tuple(int(n) for n in trained_grid) if trained_grid is not None else None
+        self.return_token_logits = return_token_logits
+        self.grad_checkpointing = False
+
+        self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_channels)
+        self.num_pos_prefix_tokens = 0 if sp_layers > 0 else 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, self.num_pos_prefix_tokens + self.patch_embed.num_patches, embed_dim)
+        )
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
+        self.blocks = nn.ModuleList(
+            SPViTBlock(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                skip_lam=skip_lam,
+                spatial_prior=i < sp_layers,
+                num_prefix_tokens=0 if i < sp_layers else 1,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+            )
+            for i in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """timm's ViT init; SP-SA keeps w2 = 0, b2 = 1 (plain attention at start)."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        named_apply(init_weights_vit_timm, self)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """pos_embed, cls_token and the spatial-prior MLPs (w1, w2, b2 of every SP-SA layer)."""
+        prior = {
+            f"blocks.{i}.attn.{name}"
+            for i, block in enumerate(self.blocks)
+            if block.spatial_prior
+            for name in ("w1.weight", "w1.bias", "w2", "b2")
+        }
+        return {"pos_embed", "cls_token"} | prior
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise lr decay: the stem, then one group per block."""
+        return dict(
+            stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New class and token heads for ``num_classes`` (0: both Identity, forward gives features)."""
+        if global_pool not in (None, "token"):
+            raise ValueError(
+                f"global_pool={global_pool!r}: SP-ViT pools with the class token, expected 'token'"
+            )
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def grid_size_of(self, x: Tensor) -> tuple[int, int]:
+        """Patch grid of an image batch; it must be the grid the model (and its pos_embed) was built for."""
+        grid = self.patch_embed.feat_size(tuple(x.shape[-2:]))
+        if grid != self.patch_embed.grid_size:
+            raise ValueError(
+                f"input images {x.shape[-2]}x{x.shape[-1]} give a {grid[0]}x{grid[1]} patch grid, but the model was "
+                f"built for img_size={self.patch_embed.img_size} ({self.patch_embed.grid_size[0]}x"
+                f"{self.patch_embed.grid_size[1]}); create it with img_size=({x.shape[-2]}, {x.shape[-1]})"
+            )
+        return grid
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Normalised tokens (B, 1 + n, C): the class token, then the patch tokens in row-major order."""
+        grid_size = self.grid_size_of(x)
+        offset_scale = prior_offset_scale(self.prior_resize, self.trained_grid, grid_size)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        cls_token = self.cls_token.expand(x.shape[0], -1, -1)
+        if self.sp_layers == 0:
+            x = torch.cat([cls_token, x], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for i, block in enumerate(self.blocks):
+            if i == self.sp_layers and i > 0:
+                x = torch.cat([cls_token, x], dim=1)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, grid_size, offset_scale)
+            else:
+                x = block(x, grid_size, offset_scale)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Class logits from ``forward_features`` tokens; the class-token feature with ``pre_logits``."""
+        cls_feature = self.head_drop(x[:, 0])
+        if pre_logits or self.num_classes == 0:
+            return cls_feature
+        cls_logits = self.head(cls_feature)
+        token_logits = self.aux_head(self.head_drop(x[:, 1:]))
+        if self.training and self.return_token_logits:
+            return cls_logits, token_logits
+        return cls_logits + AUX_LOGIT_WEIGHT * token_logits.amax(dim=1)
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        return self.forward_head(self.forward_features(x))
+
+
+def _checkpoint_grid(model: SPViT, num_patch_tokens: int) -> tuple[int, int] | None:
+    """Patch grid of a checkpoint's pos_embed: from the source img_size timm records for Hub and
+    local-dir checkpoints when it accounts for every token, else square; None if neither fits."""
+    size = getattr(model, "pretrained_model_args", {}).get("img_size")
+    if size is not None:
+        grid = model.patch_embed.feat_size(to_2tuple(size))
+        if grid[0] * grid[1] == num_patch_tokens:
+            return grid
+    side = math.isqrt(num_patch_tokens)
+    return (side, side) if side * side == num_patch_tokens else None
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: SPViT) -> dict[str, Tensor]:
+    """Fit an official SP-ViT state_dict to ``model`` and check every key and shape.
+
+    Strips a ``module.`` prefix; moves a checkpoint from another grid to the model's (pos_embed
+    resampled bicubic, the checkpoint's grid recorded as ``model.trained_grid`` unless the model
+    names one, for ``prior_resize='scale'`` and the exported config). With a new class count the
+    heads are left to timm, which drops the classifier keys as for any fine-tuning load.
+    """
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    pos_embed = state_dict.get("pos_embed")
+    prefix = model.num_pos_prefix_tokens
+    new_grid = model.patch_embed.grid_size
+    if pos_embed is not None and pos_embed.ndim == 3 and pos_embed.shape[-1] == model.embed_dim:
+        old_grid = _checkpoint_grid(model, pos_embed.shape[1] - prefix)
+        if old_grid is not None and old_grid != new_grid:
+            state_dict["pos_embed"] = resample_abs_pos_embed(
+                pos_embed, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=prefix
+            )
+            model.trained_grid = model.trained_grid or old_grid
+            update_model_args(model, trained_grid=list(model.trained_grid))  # for save_for_hf / Hub exports
+            _logger.info(
+                "checkpoint grid %dx%d -> model grid %dx%d: pos_embed resampled (bicubic), spatial priors on "
+                "%s offsets (prior_resize=%s)",
+                *old_grid,
+                *new_grid,
+                "raw" if model.prior_resize == "keep" else "trained-grid",
+                model.prior_resize,
+            )
+    return check_state_dict(state_dict, model)
+
+
+def _training_weights_overlay(
+    variant: str, pretrained_cfg: Any, overlay: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A pretrained_cfg overlay that hands timm the ``state_dict`` (not ``state_dict_ema``) of the
+    checkpoint file or URL the cfg names. timm's own loader always prefers the EMA weights."""
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg, overlay)
+    path = cfg.file or (download_cached_file(cfg.url) if isinstance(cfg.url, str) and cfg.url else None)
+    if not path:
+        raise ValueError(
+            f"use_ema=False needs a checkpoint file or url in the pretrained cfg of {variant}; "
+            "pass pretrained_cfg_overlay=dict(file=PATH)"
+        )
+    return {**(overlay or {}), "state_dict": load_state_dict(path, use_ema=False)}
+
+
+def _create_spvit(variant: str, pretrained: bool = False, use_ema: bool = True, **kwargs: Any) -> SPViT:
+    if pretrained and not use_ema:
+        kwargs["pretrained_cfg_overlay"] = _training_weights_overlay(
+            variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
+        )
+    model = build_model_with_cfg(
+        SPViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+    )
+    model.pretrained_cfg.pop("state_dict", None)  # the in-memory weights of use_ema=False, now loaded
+    return model
+
+
+# The release page links every checkpoint to this tag; the asset file names could not be confirmed,
+# so no ``url`` is set: pass ``pretrained_cfg_overlay=dict(file=PATH)`` with a downloaded file.
+RELEASE_PAGE = "https://github.com/ZhouYuxuanYX/SP-ViT/releases/tag/download"
+
+
+def _cfg(top1: float, **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.conv1",
+        "classifier": ("head", "aux_head"),
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2206.07662",
+        "paper_name": "SP-ViT: Learning 2D Spatial Priors for Vision Transformers",
+        "origin_url": "https://github.com/ZhouYuxuanYX/SP-ViT",
+        "notes": (f"ImageNet-1k top-1 {top1} (published)", f"weights: GitHub release assets, {RELEASE_PAGE}"),
+        **kwargs,
+    }
+
+
+# Token-labelling ImageNet-1k weights at 224 and fine-tuned at 384 (crop_pct as the release's cfgs).
+default_cfgs = generate_default_cfgs(
+    {
+        "spvit_small_patch16_224.tl_in1k": _cfg(83.9),
+        "spvit_small_patch16_224.tl_in1k_384": _cfg(85.1, input_size=(3, 384, 384), crop_pct=1.0),
+        "spvit_medium_patch16_224.tl_in1k": _cfg(84.9, crop_pct=1.0),
+        "spvit_medium_patch16_224.tl_in1k_384": _cfg(86.0, input_size=(3, 384, 384), crop_pct=1.0),
+        "spvit_large_patch16_224.tl_in1k": _cfg(85.5, crop_pct=1.0),
+        "spvit_large_patch16_224.tl_in1k_384": _cfg(86.3, input_size=(3, 384, 384), crop_pct=1.0),
+    }
+)
+
+
+@register_model
+def spvit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> SPViT:
+    """SP-ViT-S: LV-ViT-S body (dim 384, depth 16, 6 heads), SP-SA in the first 14 blocks, ~26M params."""
+    model_args = dict(embed_dim=384, depth=16, num_heads=6, sp_layers=14, skip_lam=2.0, stem_channels=64)
+    return _create_spvit("spvit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spvit_medium_patch16_224(pretrained: bool = False, **kwargs: Any) -> SPViT:
+    """SP-ViT-M: LV-ViT-M body (dim 512, depth 20, 8 heads), SP-SA in the first 10 blocks, ~56M params."""
+    model_args = dict(embed_dim=512, depth=20, num_heads=8, sp_layers=10, skip_lam=2.0, stem_channels=64)
+    return _create_spvit("spvit_medium_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spvit_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> SPViT:
+    """SP-ViT-L: LV-ViT-L body (dim 768, depth 24, 12 heads, 128-channel stem), SP-SA in the first 22
+    blocks as the paper describes (the released code's L path drops SP-SA), ~150M params."""
+    model_args = dict(embed_dim=768, depth=24, num_heads=12, sp_layers=22, skip_lam=3.0, stem_channels=128)
+    return _create_spvit("spvit_large_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
