@@ -262,7 +262,7 @@ def test_push_uploads_a_complete_timm_repo(hub, pushed):
     config = json.loads(files["config.json"])
     assert config["architecture"] == "irpe_deit_tiny_patch16_224"
     assert config["num_classes"] == 5 and config["label_names"] == CLASSES
-    assert config["model_args"]["rpe_config"] == RPE
+    assert config["model_args"]["rpe_config"] == {**RPE, "resize": "keep", "trained_grid": None}
     assert config["model_args"]["depth"] == 1 and config["model_args"]["embed_dim"] == 32
     cfg = config["pretrained_cfg"]
     assert cfg["input_size"] == [3, 32, 32] and cfg["mean"] == DATA_CONFIG["mean"]

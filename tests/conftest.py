@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny synthetic dataset in the CUB-200-2011 layout and the CLI flags of a tiny run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning import Callback, LightningModule, Trainer
+
+from datamodules.synthetic import generate_synthetic_cub
+
+# A depth-1 iRPE-DeiT on 32 px images (4 x 4 patches): seconds per epoch on a CPU.
+TINY_MODEL = "{depth: 1, embed_dim: 64, num_heads: 2, img_size: 32, patch_size: 8}"
+
+
+@pytest.fixture(scope="session")
+def synthetic_cub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 classes, 4 train + 2 test JPEGs each, CUB-200-2011 layout; returns the parent of CUB_200_2011."""
+    root = tmp_path_factory.mktemp("synthetic_cub")
+    generate_synthetic_cub(root, train_per_class=4, test_per_class=2, image_size=40)
+    return root
+
+
+def tiny_fit_args(root: Path, run_dir: Path, epochs: int = 2) -> list[str]:
+    """Flags of a deterministic tiny fit on ``root`` (no augmentation randomness, fresh workers per epoch)."""
+    return [
+        "--seed_everything", "0",
+        "--run_dir", str(run_dir),
+        "--model.model_name", "irpe_deit_tiny_patch16_224",
+        "--model.model_kwargs", TINY_MODEL,
+        "--model.warmup_epochs", "1",
+        "--data", "datamodules.CUB200DataModule",
+        "--data.root", str(root),
+        "--data.batch_size", "8",
+        "--data.num_workers", "1",
+        "--data.persistent_workers", "false",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1",
+        "--trainer.max_epochs", str(epochs),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.log_every_n_steps", "1",
+    ]
+
+
+class StopAfterEpochs(Callback):
+    """Stops fit cleanly after ``epochs`` epochs, as an interruption at an epoch boundary would."""
+
+    def __init__(self, epochs: int = 1) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+class RecordRankMetrics(Callback):
+    """Writes each rank's final callback metrics to ``folder/rank{N}.json`` (for the DDP test)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        (Path(self.folder) / f"rank{trainer.global_rank}.json").write_text(json.dumps(metrics))
+
+
+class RaiseOutOfMemory(Callback):
+    """Raises the error PyTorch raises when a batch does not fit on the device (for the CLI's message)."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: object, batch_idx: int) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

@@ -1,0 +1,377 @@
+"""The command line end to end on a tiny synthetic CUB: fit, resume, validate, test, predict, recipes, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODEL, tiny_fit_args
+
+from finetune.cli import EXTRA_COMMANDS, AtomicCheckpointIO, available_recipes, main, run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_cub: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted 2-epoch fit with EMA, Mixup and drop path; returns its run_dir."""
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    code = main(
+        [
+            "fit",
+            *tiny_fit_args(synthetic_cub, run_dir),
+            "--model.ema",
+            "true",
+            "--model.mixup",
+            "0.8",
+            "--model.model_kwargs",
+            TINY_MODEL[:-1] + ", drop_path_rate: 0.1}",
+        ]
+    )
+    assert code == 0
+    return run_dir
+
+
+def test_fit_writes_checkpoints_logs_config_and_confusion_matrix(fitted: Path):
+    assert (fitted / "checkpoints" / "last.ckpt").is_file()
+    assert list((fitted / "checkpoints").glob("best-epoch*.ckpt"))
+    assert (fitted / "config.yaml").is_file()
+    assert (fitted / "confusion_matrix_val.png").stat().st_size > 1000
+    assert list(fitted.glob("events.out.tfevents.*"))
+    with open(fitted / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    top1 = [float(r["val/top1"]) for r in rows if r.get("val/top1")]
+    assert len(top1) == 2 and all(0.0 <= v <= 1.0 for v in top1)
+    assert any(r.get("train/lr") for r in rows)
+    assert not list(fitted.glob("checkpoints/.*.partial"))
+
+
+def test_checkpoint_carries_the_hub_record(fitted: Path):
+    checkpoint = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    info = checkpoint["finetune"]
+    assert info["num_classes"] == 10 and len(info["class_names"]) == 10
+    assert info["class_names"][0] == "Red_headed_Two_Barred_Long_tailed"  # CUB naming, numeric prefix dropped
+    assert info["data_config"]["input_size"] == [3, 32, 32]  # model_kwargs.img_size, linked to the data
+    assert info["dataset"] == "CUB200DataModule"
+    assert info["ema"] is True and info["pretrained"] is None
+    assert info["metrics"]["split"] == "val"
+    assert "model_name: irpe_deit_tiny_patch16_224" in info["config_yaml"]
+    assert "run_dir:" in info["config_yaml"] and "fit:" not in info["config_yaml"]
+    assert any(k.startswith("ema.module.") for k in checkpoint["state_dict"])
+
+
+def test_hub_helper_rebuilds_the_model_from_the_checkpoint(fitted: Path, synthetic_cub: Path):
+    from finetune.hub import load_checkpoint_model
+
+    path = fitted / "checkpoints" / "last.ckpt"
+    model, meta = load_checkpoint_model(path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert meta["num_classes"] == 10 and model.num_classes == 10
+    assert torch.equal(model.state_dict()["head.weight"], state["ema.module.head.weight"])  # EMA weights
+
+
+def test_resume_after_an_interruption_gives_the_same_weights(
+    fitted: Path, synthetic_cub: Path, tmp_path: Path
+):
+    run_dir = tmp_path / "interrupted"
+    args = [
+        *tiny_fit_args(synthetic_cub, run_dir),
+        "--model.ema",
+        "true",
+        "--model.mixup",
+        "0.8",
+        "--model.model_kwargs",
+        TINY_MODEL[:-1] + ", drop_path_rate: 0.1}",
+    ]
+    assert main(["fit", *args, "--trainer.callbacks+=conftest.StopAfterEpochs"]) == 0
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert first["epoch"] == 0
+    assert main(["fit", *args, "--ckpt_path", "last"]) == 0  # the same config again: never blocked
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    full = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == full["global_step"]
+    for key, value in full["state_dict"].items():
+        assert torch.allclose(resumed["state_dict"][key], value), key
+    assert (
+        resumed["optimizer_states"][0]["state"][0]["step"] == full["optimizer_states"][0]["state"][0]["step"]
+    )
+
+
+def test_validate_links_the_model_data_config_into_the_datamodule(fitted: Path, synthetic_cub: Path):
+    cli = run_cli(
+        [
+            "validate",
+            *tiny_fit_args(synthetic_cub, fitted),
+            "--model.model_name",
+            "irpe_deit_tiny_patch16_224",
+            "--ckpt_path",
+            str(fitted / "checkpoints" / "last.ckpt"),
+        ]
+    )
+    assert cli.datamodule.hparams.img_size == 32
+    assert list(cli.datamodule.hparams.mean) == pytest.approx(cli.model.data_config["mean"])
+    assert cli.datamodule.hparams.crop_pct == cli.model.data_config["crop_pct"]
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/top1"]) <= 1.0
+
+
+def test_test_subcommand_reports_metrics_and_a_test_confusion_matrix(fitted: Path, synthetic_cub: Path):
+    cli = run_cli(
+        [
+            "test",
+            *tiny_fit_args(synthetic_cub, fitted),
+            "--ckpt_path",
+            str(fitted / "checkpoints" / "last.ckpt"),
+        ]
+    )
+    metrics = cli.trainer.callback_metrics
+    assert {"test/top1", "test/top5", "test/mean_class_acc"} <= set(metrics)
+    assert float(metrics["test/top1"]) <= float(metrics["test/top5"])
+    assert (fitted / "confusion_matrix_test.png").is_file()
+
+
+def test_predict_writes_top5_names_and_scores(fitted: Path, synthetic_cub: Path, tmp_path: Path):
+    out = tmp_path / "preds.csv"
+    images = synthetic_cub / "CUB_200_2011" / "images" / "001.Red_headed_Two_Barred_Long_tailed"
+    code = main(
+        [
+            "predict",
+            *tiny_fit_args(synthetic_cub, tmp_path / "p"),
+            "--ckpt_path",
+            str(fitted / "checkpoints" / "last.ckpt"),
+            "--prediction.inputs",
+            f"[{images}]",
+            "--prediction.output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    with open(out) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path"] + [f"{k}{r}" for r in range(1, 6) for k in ("class", "score")]
+    assert len(rows) - 1 == len(list(images.glob("*.jpg"))) == 6
+    names = set(
+        torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=True)["finetune"]["class_names"]
+    )
+    for row in rows[1:]:
+        scores = [float(s) for s in row[2::2]]
+        assert scores == sorted(scores, reverse=True) and sum(scores) <= 1.0 + 1e-5
+        assert set(row[1::2]) <= names
+
+
+# ----------------------------------------------------------------------------- recipes
+@pytest.mark.parametrize("name", available_recipes())
+def test_every_recipe_parses(name: str, capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--recipe", name, "--data.root", "/nonexistent", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "model_name:" in printed and "class_path: datamodules." in printed
+
+
+def test_recipes_cover_the_papers_and_the_demo():
+    assert {
+        "cub200",
+        "stanford_cars",
+        "imagenet",
+        "cub200_spvit",
+        "stanford_cars_spvit",
+        "imagenet_spvit",
+        "demo",
+    } <= set(available_recipes())
+
+
+def test_flags_after_a_recipe_win(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        main(["fit", "--recipe", "cub200", "--model.lr", "0.123", "--print_config"])
+    assert "lr: 0.123" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bad input
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1
+    return err[0]
+
+
+def test_unknown_recipe_lists_the_available_ones(capsys):
+    assert main(["fit", "--recipe", "cub201"]) == 2
+    line = one_line_error(capsys)
+    assert "unknown recipe 'cub201'" in line and "cub200" in line and "demo" in line
+
+
+def test_unknown_model_name(synthetic_cub, tmp_path, capsys):
+    code = main(
+        ["fit", *tiny_fit_args(synthetic_cub, tmp_path), "--model.model_name", "irpe_deit_tinyy_patch16_224"]
+    )
+    assert code == 2
+    assert "unknown model 'irpe_deit_tinyy_patch16_224'" in one_line_error(capsys)
+
+
+def test_unknown_recipe_key(synthetic_cub, tmp_path, capsys):
+    assert main(["fit", *tiny_fit_args(synthetic_cub, tmp_path), "--model.learning_rate", "1"]) == 2
+    assert "model.learning_rate" in one_line_error(capsys)
+
+
+def test_missing_dataset_root(tmp_path, capsys):
+    assert main(["fit", *tiny_fit_args(tmp_path / "nowhere", tmp_path / "run")]) == 2
+    assert "CUB-200-2011 not found" in one_line_error(capsys)
+
+
+def test_num_classes_mismatch(synthetic_cub, tmp_path, capsys):
+    assert main(["fit", *tiny_fit_args(synthetic_cub, tmp_path), "--model.num_classes", "7"]) == 2
+    assert "num_classes mismatch" in one_line_error(capsys)
+
+
+def test_pretrained_weights_of_another_architecture(synthetic_cub, tmp_path, capsys):
+    import timm
+
+    other = timm.create_model(
+        "irpe_deit_tiny_patch16_224", depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8
+    )
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pth")
+    args = [*tiny_fit_args(synthetic_cub, tmp_path), "--model.pretrained", str(tmp_path / "other.pth")]
+    assert main(["fit", *args]) == 2
+    assert "another architecture" in one_line_error(capsys)
+
+
+def test_checkpoint_of_another_architecture(fitted, synthetic_cub, tmp_path, capsys):
+    foreign = tmp_path / "foreign.ckpt"
+    checkpoint = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["finetune"]["model_name"] = "deit_small_patch16_224_ctx_product_50_shared_k"
+    checkpoint.pop("hyper_parameters")
+    torch.save(checkpoint, foreign)
+    assert main(["test", *tiny_fit_args(synthetic_cub, tmp_path), "--ckpt_path", str(foreign)]) == 2
+    assert "the checkpoint is for model 'deit_small_patch16_224_ctx_product_50_shared_k'" in one_line_error(
+        capsys
+    )
+
+
+def test_out_of_memory_batch(synthetic_cub, tmp_path, capsys):
+    assert (
+        main(
+            ["fit", *tiny_fit_args(synthetic_cub, tmp_path), "--trainer.callbacks+=conftest.RaiseOutOfMemory"]
+        )
+        == 2
+    )
+    assert "out of memory: lower --data.batch_size" in one_line_error(capsys)
+
+
+def test_predict_without_inputs_or_weights(synthetic_cub, tmp_path, capsys):
+    assert main(["predict", *tiny_fit_args(synthetic_cub, tmp_path)]) == 2
+    assert "--prediction.inputs" in one_line_error(capsys)
+    assert (
+        main(
+            ["predict", *tiny_fit_args(synthetic_cub, tmp_path), "--prediction.inputs", f"[{synthetic_cub}]"]
+        )
+        == 2
+    )
+    assert "--ckpt_path" in one_line_error(capsys)
+
+
+# ----------------------------------------------------------------------------- plumbing
+def test_extra_subcommands_dispatch_with_the_remaining_argv(monkeypatch):
+    monkeypatch.setitem(EXTRA_COMMANDS, "echo-count", "test_cli:count_args")
+    assert main(["echo-count", "a", "b", "c"]) == 3
+
+
+def count_args(argv: list[str]) -> int:
+    return len(argv)
+
+
+def test_push_convert_and_visualize_are_subcommands(tmp_path, capsys):
+    assert {"push", "convert", "visualize"} <= set(EXTRA_COMMANDS)
+    out = tmp_path / "buckets.png"
+    assert main(["visualize", "buckets", "--grid", "6", "6", "--method", "product", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    with pytest.raises(SystemExit) as info:
+        main(["push", "--help"])
+    assert info.value.code == 0 and "--repo-id" in capsys.readouterr().out
+
+
+def test_push_to_hub_with_a_bad_repo_id_fails_before_training(synthetic_cub, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["fit", *tiny_fit_args(synthetic_cub, run_dir), "--push_to_hub", "not a repo"])
+    assert code == 2
+    assert "--repo-id 'not a repo': expected 'owner/name'" in one_line_error(capsys)
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_atomic_checkpoint_write_keeps_the_previous_file_on_failure(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+    with pytest.raises(Exception):  # noqa: B017  (pickling a lambda fails half-way through the write)
+        io.save_checkpoint({"step": torch.tensor(2), "bad": lambda: None}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_a_resumable_last_checkpoint(synthetic_cub, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable,
+        str(REPO / "cli.py"),
+        "fit",
+        *tiny_fit_args(synthetic_cub, run_dir, epochs=1000),
+        "--data.num_workers",
+        "0",
+    ]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert last.exists(), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, output[-3000:]
+    assert "resume with: --ckpt_path last" in output
+    interrupted = torch.load(last, weights_only=True)
+    assert (
+        main(
+            [
+                "fit",
+                *tiny_fit_args(synthetic_cub, run_dir, epochs=interrupted["epoch"] + 2),
+                "--ckpt_path",
+                "last",
+            ]
+        )
+        == 0
+    )
+    assert torch.load(last, weights_only=True)["epoch"] == interrupted["epoch"] + 1
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_reports_the_same_metrics_on_both_ranks(synthetic_cub, tmp_path):
+    run_dir = tmp_path / "ddp"
+    args = [
+        sys.executable,
+        str(REPO / "cli.py"),
+        "fit",
+        *tiny_fit_args(synthetic_cub, run_dir, epochs=1),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--data.num_workers",
+        "0",
+        "--trainer.callbacks+=conftest.RecordRankMetrics",
+        f"--trainer.callbacks.folder={tmp_path / 'ranks'}",
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "ranks" / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "ranks" / "rank1.json").read_text())
+    assert {"val/top1", "val/top5", "val/mean_class_acc"} <= set(rank0)
+    assert rank0 == pytest.approx(rank1)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()

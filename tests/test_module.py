@@ -1,0 +1,263 @@
+"""ImageClassifier: parameter groups, fine-tuning strategies, EMA, checkpoint record, bad settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import timm
+import torch
+from conftest import StopAfterEpochs
+from timm.optim import param_groups_layer_decay
+from torch.utils.data import DataLoader, TensorDataset
+
+from finetune.backbones.checkpoint import CheckpointMismatchError
+from finetune.module import FinetuneConfigError, ImageClassifier
+
+TINY = dict(depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8)
+
+
+def tiny_classifier(**kwargs) -> ImageClassifier:
+    args = dict(model_name="irpe_deit_tiny_patch16_224", model_kwargs=TINY, num_classes=4, warmup_epochs=0)
+    return ImageClassifier(**{**args, **kwargs})
+
+
+def lr_and_decay_by_param(groups: list[dict]) -> dict[str, tuple[float, float]]:
+    return {name: (g["lr"], g["weight_decay"]) for g in groups for name in g["param_names"]}
+
+
+class ImageTensors(L.LightningDataModule):
+    """A few random images with fixed labels, exposing num_classes / class_names as datamodules do."""
+
+    def __init__(self, n: int = 12, num_classes: int = 4, batch_size: int = 5) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 32, 32, generator=generator)
+        self.y = torch.arange(n) % num_classes
+        self.num_classes = num_classes
+        self.class_names = [f"class_{i}" for i in range(num_classes)]
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
+
+
+def fit(model: ImageClassifier, tmp_path: Path, epochs: int, **trainer_kwargs) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, datamodule=ImageTensors())
+    return trainer
+
+
+# ----------------------------------------------------------------------------- param groups
+def test_no_weight_decay_groups_hold_biases_norms_tokens_and_rpe_tables():
+    model = tiny_classifier(weight_decay=0.05)
+    by_param = lr_and_decay_by_param(model.param_groups())
+    assert set(by_param) == {n for n, p in model.model.named_parameters()}
+    no_decay = {n for n, (_, wd) in by_param.items() if wd == 0.0}
+    rpe = {n for n in by_param if ".rpe_" in n}
+    assert rpe, "the iRPE model must have RPE tables"
+    assert {"model.pos_embed", "model.cls_token"} - {f"model.{n}" for n in no_decay} == set()
+    assert rpe <= no_decay
+    assert {n for n, p in model.model.named_parameters() if p.ndim <= 1} <= no_decay
+    assert by_param["head.weight"][1] == 0.05
+    assert by_param["blocks.0.attn.qkv.weight"][1] == 0.05
+
+
+def test_layer_decay_matches_timm_scales_baked_into_lr():
+    model = tiny_classifier(lr=1.0, layer_decay=0.5)
+    ours = lr_and_decay_by_param(model.param_groups())
+    timm_groups = param_groups_layer_decay(
+        model.model, weight_decay=0.05, no_weight_decay_list=model.model.no_weight_decay(), layer_decay=0.5
+    )
+    timm_scale = {}
+    for group in timm_groups:
+        for param in group["params"]:
+            name = next(n for n, p in model.model.named_parameters() if p is param)
+            timm_scale[name] = group["lr_scale"]
+    assert {n: lr for n, (lr, _) in ours.items()} == pytest.approx(timm_scale)
+    # depth 2, timm's grouping: stem 0, block 0, block 1 (+ final norm), head on top
+    assert ours["head.weight"][0] == 1.0
+    assert ours["norm.weight"][0] == ours["blocks.1.attn.qkv.weight"][0] == 0.5
+    assert ours["blocks.0.attn.qkv.weight"][0] == 0.25
+    assert ours["pos_embed"][0] == ours["patch_embed.proj.weight"][0] == 0.125
+
+
+def test_backbone_lr_scale_applies_to_every_non_head_parameter():
+    model = tiny_classifier(lr=2.0, backbone_lr_scale=0.1)
+    ours = lr_and_decay_by_param(model.param_groups())
+    for name, (lr, _) in ours.items():
+        assert lr == pytest.approx(2.0 if name.startswith("head.") else 0.2), name
+
+
+def test_warmup_then_cosine_schedule_is_stepped_per_iteration(tmp_path):
+    model = tiny_classifier(lr=1e-3, min_lr=1e-5, warmup_epochs=1)
+    seen: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fit(model, tmp_path, epochs=3, callbacks=[Record()])
+    assert len(seen) == 9  # 12 images, batch 5: 3 steps per epoch
+    assert seen[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])  # linear warmup over the first epoch
+    assert seen[3] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(seen[3:], seen[4:], strict=False))  # cosine decay afterwards
+    assert seen[-1] > 1e-5
+
+
+# ----------------------------------------------------------------------------- strategies
+def test_linear_probe_trains_only_the_head_with_a_frozen_eval_mode_backbone(tmp_path):
+    model = tiny_classifier(finetune_strategy="linear_probe", model_kwargs={**TINY, "drop_path_rate": 0.5})
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    names = {n for g in model.param_groups() for n in g["param_names"]}
+    assert names == {"head.weight", "head.bias"}
+    modes: list[tuple[bool, bool]] = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append((pl_module.model.blocks[0].training, pl_module.model.head.training))
+
+    fit(model, tmp_path, epochs=2, callbacks=[Record()])
+    after = model.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}
+    assert modes and all(m == (False, True) for m in modes)  # also after each validation
+
+
+def test_freeze_then_unfreeze_and_resume_restore_the_frozen_state(tmp_path):
+    flags: dict[int, bool] = {}
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            flags[trainer.current_epoch] = pl_module.model.blocks[0].attn.qkv.weight.requires_grad
+
+    settings = dict(
+        finetune_strategy="freeze_then_unfreeze", unfreeze_epoch=1, backbone_lr_scale=0.1, lr=1e-3
+    )
+    model = tiny_classifier(**settings)
+    groups = lr_and_decay_by_param(model.param_groups())
+    assert "blocks.0.attn.qkv.weight" in groups  # in the optimizer from the start, at the lower lr
+    assert groups["blocks.0.attn.qkv.weight"][0] == pytest.approx(1e-4)
+    start = model.model.blocks[0].attn.qkv.weight.detach().clone()
+    fit(model, tmp_path, epochs=3, callbacks=[Record(), StopAfterEpochs(1)])
+    assert flags == {0: False}
+    assert torch.equal(model.model.blocks[0].attn.qkv.weight, start)  # frozen during epoch 0
+
+    resumed = tiny_classifier(**settings)
+    ckpt = tmp_path / "checkpoints"
+    last = sorted(ckpt.glob("*.ckpt"))[-1]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
+    )
+    trainer.fit(resumed, datamodule=ImageTensors(), ckpt_path=last)
+    assert flags == {0: False, 1: True, 2: True}
+    assert not torch.equal(resumed.model.blocks[0].attn.qkv.weight, start)
+    opt_lrs = {g["param_names"][0]: g["initial_lr"] for g in trainer.optimizers[0].param_groups}
+    assert opt_lrs.get("head.weight") == pytest.approx(1e-3)
+
+
+def test_ema_weights_are_kept_under_ema_module_and_used_for_validation(tmp_path):
+    model = tiny_classifier(ema=True, ema_decay=0.5, mixup=0.8, cutmix=1.0)
+    fit(model, tmp_path, epochs=1)
+    state = model.state_dict()
+    ema_keys = {k[len("ema.module.") :] for k in state if k.startswith("ema.module.")}
+    assert ema_keys == {k[len("model.") :] for k in state if k.startswith("model.")}
+    assert not torch.equal(state["ema.module.head.weight"], state["model.head.weight"])
+    assert model._eval_net() is model.ema.module
+    assert all(not p.requires_grad for p in model.ema.parameters())
+
+
+def test_mixup_and_cutmix_train_on_odd_sized_batches(tmp_path):
+    model = tiny_classifier(mixup=0.8, cutmix=1.0)
+    trainer = fit(model, tmp_path, epochs=1)  # 12 images in batches of 5, 5, 2: Mixup needs even sizes
+    assert trainer.global_step == 3
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_record_and_weights_only_loading(tmp_path):
+    model = tiny_classifier(ema=True, dataset_name="tensors")
+    trainer = fit(model, tmp_path, epochs=1)
+    path = tmp_path / "manual.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    info = checkpoint["finetune"]
+    assert info["model_name"] == "irpe_deit_tiny_patch16_224"
+    assert info["model_kwargs"] == TINY
+    assert info["num_classes"] == 4 and info["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
+    assert info["data_config"] == {
+        "input_size": [3, 32, 32],
+        "mean": pytest.approx([0.485, 0.456, 0.406]),
+        "std": pytest.approx([0.229, 0.224, 0.225]),
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+    }
+    assert info["metrics"]["split"] == "val" and info["metrics"]["epoch"] == 0
+    assert 0.0 <= info["metrics"]["top1"] <= info["metrics"]["top5"] <= 1.0
+    assert set(info["per_class_accuracy"]) == set(info["class_names"])
+    assert info["pretrained"] is None and info["ema"] is True and info["dataset"] == "tensors"
+
+    loaded = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
+    assert loaded.num_classes == 4
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_class_names_come_from_the_datamodule_in_setup(tmp_path):
+    model = ImageClassifier("irpe_deit_tiny_patch16_224", model_kwargs=TINY, warmup_epochs=0)
+    assert model.num_classes is None
+    fit(model, tmp_path, epochs=1)
+    assert model.num_classes == 4
+    assert model.class_names == ["class_0", "class_1", "class_2", "class_3"]
+    assert model.model.get_classifier().out_features == 4
+
+
+# ----------------------------------------------------------------------------- bad settings
+def test_unknown_model_name_is_one_clear_error():
+    with pytest.raises(FinetuneConfigError, match="unknown model 'irpe_deit_tinny'"):
+        ImageClassifier("irpe_deit_tinny")
+
+
+def test_missing_pretrained_file_is_one_clear_error(tmp_path):
+    with pytest.raises(FinetuneConfigError, match="does not exist"):
+        ImageClassifier("irpe_deit_tiny_patch16_224", pretrained=str(tmp_path / "nope.pth"))
+
+
+def test_pretrained_file_of_another_architecture_names_the_mismatch(tmp_path):
+    other = timm.create_model("irpe_deit_tiny_patch16_224", **{**TINY, "embed_dim": 32})
+    path = tmp_path / "other.pth"
+    torch.save({"model": other.state_dict()}, path)
+    with pytest.raises(CheckpointMismatchError, match="another architecture"):
+        ImageClassifier("irpe_deit_tiny_patch16_224", pretrained=str(path), model_kwargs=TINY)
+
+
+def test_num_classes_mismatch_with_the_data_is_one_clear_error(tmp_path):
+    model = tiny_classifier(num_classes=7)
+    with pytest.raises(
+        FinetuneConfigError, match="num_classes mismatch: the model has 7 classes but .* has 4"
+    ):
+        fit(model, tmp_path, epochs=1)
+
+
+def test_freeze_then_unfreeze_needs_an_unfreeze_epoch():
+    with pytest.raises(FinetuneConfigError, match="unfreeze_epoch >= 1"):
+        tiny_classifier(finetune_strategy="freeze_then_unfreeze")
