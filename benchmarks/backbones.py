@@ -63,7 +63,8 @@ def build(variant: Variant, device: torch.device, depth: int | None) -> torch.nn
     if depth is not None:
         kwargs["depth"] = depth
         if "sp_layers" not in kwargs and variant.model.startswith("spvit"):
-            kwargs["sp_layers"] = depth - 2 if depth > 2 else depth
+            # keep S's share of SP-SA blocks (14 of 16); the class token must join before the last block
+            kwargs["sp_layers"] = min(depth - 1, max(1, round(depth * 14 / 16)))
     model = timm.create_model(variant.model, **kwargs).to(device)
     if variant.reference:
         for module in model.modules():
@@ -160,7 +161,8 @@ def run_suite(suite: str, variants: list[Variant], args: argparse.Namespace, dev
         rows.append(row)
     if not args.no_memory:
         for row in rows:
-            row["memory ratio"] = row["train peak MiB"] / rows[0]["train peak MiB"]
+            baseline_mb = rows[0]["train peak MiB"]
+            row["memory ratio"] = row["train peak MiB"] / baseline_mb if baseline_mb > 0 else float("nan")
 
     def plot(ax: Any) -> None:
         labels = [r["model"] for r in rows]

@@ -63,12 +63,10 @@ def peak_memory_mb(module: str, spec: dict[str, Any]) -> float:
     On CUDA the child reports torch.cuda.max_memory_allocated; on the CPU the growth of its peak
     resident set size from before the model was built.
     """
-    out = subprocess.run(
-        [sys.executable, "-m", module, "--child", json.dumps(spec)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    out = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = " | ".join(out.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"memory child run of {spec.get('variant', spec)} failed ({out.returncode}): {tail}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
