@@ -6,7 +6,7 @@
 
 Each benchmark writes its own ``NAME.{csv,md,png}`` into ``benchmarks/results/`` (``--quick``:
 ``benchmarks/results/quick/``, so a smoke run never replaces real numbers); this runner then writes
-``README.md`` there: the machine, torch version and device, then every benchmark's table and plot
+``README.md`` there (and, for a full run, into the project README between its benchmark markers): the machine, torch version and device, then every benchmark's table and plot
 (results of benchmarks not run this time are kept, marked as from an earlier run).
 A benchmark that fails does not stop the others; the exit status is 1 if any failed.
 """
@@ -47,8 +47,7 @@ class Benchmark:
     out_flag: str | None = None
 
 
-# --depth 3: the smallest depth at which benchmarks.backbones builds SP-ViT (it sets sp_layers = depth
-# for depth <= 2). --no-memory: a tiny model's resident-set growth can be 0, which the memory ratio divides by.
+# --no-memory: a tiny model's resident-set growth is mostly noise.
 _BACKBONES_QUICK = ["--depth", "3", "--batch-size", "2", "--infer-batch-sizes", "1", "4", "--rounds", "1",
                     "--no-reference", "--no-memory"]
 BENCHMARKS = [
@@ -162,6 +161,22 @@ def write_summary(outcomes: dict[str, Outcome], quick: bool, out: Path) -> Path:
     return out / "README.md"
 
 
+README = RESULTS_DIR.parent.parent / "README.md"
+README_MARKERS = ("<!-- benchmarks:start -->", "<!-- benchmarks:end -->")
+
+
+def update_readme(summary: Path) -> None:
+    """Put the summary (tables and plots, headings one level down) between the project README's markers."""
+    text = README.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        return
+    body = summary.read_text().replace("\n## ", "\n### ").replace("# Benchmark results\n", "")
+    body = body.replace("](", f"]({summary.parent.relative_to(README.parent).as_posix()}/")
+    before, rest = text.split(start, 1)
+    README.write_text(f"{before}{start}\n{body.strip()}\n{end}{rest.split(end, 1)[1]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     benchmarks = available()
     names = [b.name for b in benchmarks]
@@ -187,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         b.name: run(b, command_line(b, args.quick, args.device, out), out) for b in benchmarks if b.name in selected
     }
     summary = write_summary(outcomes, args.quick, out)
+    if out == RESULTS_DIR:
+        update_readme(summary)
     failed = [name for name, outcome in outcomes.items() if outcome.status != "ok"]
     print(f"\nwrote {summary}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -202,7 +202,9 @@ def test_checkpoint_record_and_weights_only_loading(tmp_path):
     checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     info = checkpoint["finetune"]
     assert info["model_name"] == "irpe_deit_tiny_patch16_224"
-    assert info["model_kwargs"] == TINY
+    # the recipe's keywords plus the full RPE settings the model was built with (resolution strategy, grid)
+    assert info["model_kwargs"] == {**TINY, "rpe_config": model.model.rpe_config.to_dict()}
+    assert info["model_kwargs"]["rpe_config"]["resize"] == "keep"
     assert info["num_classes"] == 4 and info["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
     assert info["data_config"] == {
         "input_size": [3, 32, 32],
