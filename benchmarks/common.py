@@ -71,7 +71,17 @@ def peak_memory_mb(module: str, spec: dict[str, Any]) -> float:
 
 
 def rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """Peak resident set of this process in MiB.
+
+    Linux's VmHWM belongs to the address space, which exec replaces; getrusage's ru_maxrss is
+    inherited from the parent across fork and exec, so a child of a large parent would report the
+    parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def child_peak_mb(device: torch.device, rss_before_mb: float) -> float:
