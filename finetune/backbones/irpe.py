@@ -367,17 +367,28 @@ class _RecomputedAttention(torch.autograd.Function):
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         grad_tables: list[Tensor | None] = [None] * (len(qk_tables) + len(v_tables))
         for i in range(q.shape[0]):
-            grads = _recomputed_backward(layer, grid, q[i : i + 1], k[i : i + 1], v[i : i + 1], grad_out[i : i + 1])
-            grad_q[i], grad_k[i], grad_v[i] = grads[0][0], grads[1][0], grads[2][0]
-            grad_tables = [g if acc is None else acc if g is None else acc + g for acc, g in zip(grad_tables, grads[3:], strict=True)]
+            chunk = slice(i, i + 1)
+            grads = _recomputed_backward(
+                layer, grid, qk_tables, v_tables, q[chunk], k[chunk], v[chunk], grad_out[chunk]
+            )
+            grad_q[chunk], grad_k[chunk], grad_v[chunk] = grads[:3]
+            for t, grad in enumerate(grads[3:]):  # a table's gradient sums over the images
+                if grad is not None:
+                    grad_tables[t] = grad if grad_tables[t] is None else grad_tables[t] + grad
         return (None, None, grad_q, grad_k, grad_v, *grad_tables)
 
 
 def _recomputed_backward(
-    layer: RPEAttention, grid: tuple[int, int], q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor
+    layer: RPEAttention,
+    grid: tuple[int, int],
+    qk_tables: list[nn.Parameter],
+    v_tables: list[nn.Parameter],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grad_out: Tensor,
 ) -> tuple[Tensor | None, ...]:
     """Gradients of q, k, v and of the RPE tables (q/k tables, then v tables) for one chunk."""
-    qk_tables, v_tables = layer.rpe_tables()
     q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
     with torch.enable_grad():
         bias = layer._logit_bias(q, k, grid)
