@@ -691,13 +691,18 @@ def push_main(argv: list[str]) -> int:
             folder = Path(args.folder)
         if args.export_only:
             return 0
-        info = push_folder(folder, args.repo_id, private=args.private, revision=args.revision,
-                           create_pr=args.create_pr, retries=args.retries, retry_wait=args.retry_wait)
+        info = _push_with_args(folder, args.repo_id, args)
     except (ExportError, HubError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _report_push(info, args.repo_id)
     return 0
+
+
+def _push_with_args(folder: Path, repo_id: str, args: argparse.Namespace) -> Any:
+    """``push_folder`` with the upload options ``_add_upload_args`` put on the command line."""
+    return push_folder(folder, repo_id, private=args.private, revision=args.revision,
+                       create_pr=args.create_pr, retries=args.retries, retry_wait=args.retry_wait)
 
 
 def convert_main(argv: list[str]) -> int:
@@ -728,8 +733,7 @@ def convert_main(argv: list[str]) -> int:
         print(f"converted {args.source} to {out}")
         if not args.push:
             return 0
-        info = push_folder(out, args.push, private=args.private, revision=args.revision,
-                           create_pr=args.create_pr, retries=args.retries, retry_wait=args.retry_wait)
+        info = _push_with_args(out, args.push, args)
     except (ExportError, HubError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
