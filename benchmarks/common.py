@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -63,7 +64,14 @@ def peak_memory_mb(module: str, spec: dict[str, Any]) -> float:
     On CUDA the child reports torch.cuda.max_memory_allocated; on the CPU the growth of its peak
     resident set size from before the model was built.
     """
-    out = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(spec)], capture_output=True, text=True)
+    # glibc otherwise raises its mmap threshold as blocks are freed and keeps freed blocks in its heap,
+    # so the CPU resident set would depend on allocation order (+-5% between identical runs); with a
+    # fixed threshold every tensor block is mapped and unmapped with the tensor and the peak follows
+    # the live tensor bytes
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**16)}
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--child", json.dumps(spec)], capture_output=True, text=True, env=env
+    )
     if out.returncode != 0:
         tail = " | ".join(out.stderr.strip().splitlines()[-3:])
         raise RuntimeError(f"memory child run of {spec.get('variant', spec)} failed ({out.returncode}): {tail}")

@@ -12,6 +12,7 @@ from timm.layers import resample_abs_pos_embed
 import finetune  # noqa: F401  (registers the models)
 from finetune.backbones.checkpoint import CheckpointMismatchError
 from finetune.backbones.irpe import (
+    ImageRPE,
     RPEAttention,
     RPEConfig,
     bucket_ids,
@@ -211,7 +212,7 @@ def test_fast_path_equals_reference_forward_and_backward(method, mode, on, share
     for grid, skip in itertools.product([(14, 14), (24, 24)], [1, 0]):
         config = RPEConfig(method=method, mode=mode, ratio=RATIOS[method], rpe_on=on, shared_head=shared, skip=skip)
         attn = _randomised_attention(config)
-        x = torch.randn(1, skip + grid[0] * grid[1], 16)
+        x = torch.randn(2, skip + grid[0] * grid[1], 16)  # two images: the fast path loops over them
         fast = _forward_backward(attn, x, grid, reference=False)
         ref = _forward_backward(attn, x, grid, reference=True)
         torch.testing.assert_close(fast[0], ref[0], atol=1e-5, rtol=1e-5)
@@ -227,6 +228,20 @@ def test_fast_path_equals_reference_forward_and_backward(method, mode, on, share
         torch.testing.assert_close(fast64[1], ref64[1], atol=1e-10, rtol=1e-10)
         for name in fast64[2]:
             torch.testing.assert_close(fast64[2][name], ref64[2][name], atol=1e-9, rtol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("method", ["euc", "quant", "cross_rows", "product"])
+def test_bucket_sums_is_the_adjoint_of_pairs(method):
+    """<pairs(P), G> == <P, bucket_sums(G)>: the backward pass relies on it for every table."""
+    rpe = ImageRPE(method, "k", 2, 4, RPEConfig(method="cross" if method.startswith("cross") else method))
+    grid, n = (5, 7), 1 + 35
+    per_bucket = torch.randn(3, 2, n, rpe.num_buckets, dtype=torch.float64)
+    per_pair = torch.randn(3, 2, n, n, dtype=torch.float64)
+    spread, summed = rpe.pairs(per_bucket, *grid), rpe.bucket_sums(per_pair, *grid)
+    assert spread.shape == per_pair.shape and summed.shape == per_bucket.shape
+    torch.testing.assert_close((spread * per_pair).sum(), (per_bucket * summed).sum())
+    ids = rpe.bucket_ids(*grid, torch.device("cpu"))
+    assert spread[1, 0, 4, 9] == per_bucket[1, 0, 4, ids[4, 9]]
 
 
 def test_rpe_changes_the_output_once_tables_are_trained():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -260,8 +261,29 @@ class ImageRPE(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method}, on={self.on}, mode={self.mode}, buckets={self.num_buckets}"
 
+    @property
+    def table(self) -> nn.Parameter:
+        return self.lookup_table_bias if self.mode == "bias" else self.lookup_table_weight
+
+    @property
+    def leaves(self) -> tuple[ImageRPE, ...]:
+        """The single-table modules this encoding sums (itself; the cross method has two)."""
+        return (self,)
+
     def bucket_ids(self, height: int, width: int, device: torch.device) -> Tensor:
         return bucket_ids(self.method, height, width, self.config, device)
+
+    def pairs(self, per_bucket: Tensor, height: int, width: int) -> Tensor:
+        """Per-row bucket values (..., n, K) spread over the pairs: out[..., i, j] = per_bucket[..., i, b(i, j)]."""
+        ids = self.bucket_ids(height, width, per_bucket.device)
+        return per_bucket.gather(-1, ids.expand(per_bucket.shape[:-1] + ids.shape[-1:]))
+
+    def bucket_sums(self, pairs: Tensor, height: int, width: int, out: Tensor | None = None) -> Tensor:
+        """Per-pair values (..., n, n) summed per bucket of each row, (..., n, K): the adjoint of
+        ``pairs``. Adds into ``out`` when given."""
+        ids = self.bucket_ids(height, width, pairs.device)
+        out = pairs.new_zeros(pairs.shape[:-1] + (self.num_buckets,)) if out is None else out
+        return out.scatter_add_(-1, ids.expand(pairs.shape), pairs)
 
     def attn_bias(self, x: Tensor, height: int, width: int, reference: bool = False, scale: float = 1.0) -> Tensor:
         """Logit term for q or k placement; ``x`` is (B, H, n, d) queries (on k) or keys (on q), and
@@ -270,27 +292,50 @@ class ImageRPE(nn.Module):
         Both placements compute term[i, j] = x_i . r_{b(i, j)}; on queries the term at (i, j) reads
         the key's row, k_j . r_{b(j, i)}, which is that term transposed.
         """
-        ids = self.bucket_ids(height, width, x.device)
-        if self.mode == "bias":
-            term = self.lookup_table_bias[:, ids].unsqueeze(0)  # (1, H or 1, n, n)
-        elif reference:
+        if reference and self.mode == "ctx":
+            ids = self.bucket_ids(height, width, x.device)
             per_pair = self.lookup_table_weight[:, :, ids].expand(self.num_heads, -1, -1, -1)  # (H, d, n, n)
             term = torch.einsum("bhid,hdij->bhij", x * scale, per_pair)
         else:
-            per_bucket = (x @ self.lookup_table_weight.to(x.dtype)).mul_(scale)  # (B, H, n, K)
-            term = per_bucket.gather(-1, ids.expand(per_bucket.shape[:-2] + ids.shape))
+            term = self.pairs(self.logit_buckets(x, height * width + self.config.skip, scale), height, width)
         return term if self.on == "k" else term.transpose(-1, -2)
+
+    def logit_buckets(self, x: Tensor, num_tokens: int, scale: float = 1.0) -> Tensor:
+        """The logit term per row and bucket, (B, H, n, K) (x_i . r_b, scaled) in contextual mode and
+        (H or 1, n, K) (the table, broadcast) in bias mode: ``pairs`` of it is the term."""
+        if self.mode == "bias":
+            return self.lookup_table_bias[:, None, :].expand(-1, num_tokens, -1)
+        table = self.lookup_table_weight.to(x.dtype)  # matched batch dims: a strided x is not copied
+        return torch.matmul(x, table.expand(x.shape[:-2] + table.shape[-2:])).mul_(scale)
+
+    def attn_bias_backward(self, x: Tensor, grad_buckets: Tensor, scale: float = 1.0) -> tuple[Tensor | None, Tensor]:
+        """Gradients of ``attn_bias(x, ...)``, given the ``bucket_sums`` (B, H, n, K) of the gradient of
+        its output in the term's own orientation (transposed on q): the gradient of ``x`` (None in
+        bias mode, where the term does not depend on it) and of the table."""
+        if self.mode == "bias":
+            return None, grad_buckets.sum(-2).sum_to_size(self.lookup_table_bias.shape)
+        table = self.lookup_table_weight.to(x.dtype)  # (H or 1, d, K)
+        grad_x = (grad_buckets @ table.transpose(-1, -2)).mul_(scale)
+        return grad_x, (x.transpose(-1, -2) @ grad_buckets).mul_(scale).sum_to_size(table.shape)
 
     def value_term(self, attn: Tensor, height: int, width: int, reference: bool = False) -> Tensor:
         """sum_j a_ij r_{b(i,j)} for (B, H, n, n) attention weights, as (B, H, n, d)."""
-        ids = self.bucket_ids(height, width, attn.device)
         table = self.lookup_table_weight  # (H or 1, K, d)
         if reference:
+            ids = self.bucket_ids(height, width, attn.device)
             per_pair = table[:, ids].expand(self.num_heads, -1, -1, -1)  # (H, n, n, d)
             return torch.einsum("bhij,hijd->bhid", attn, per_pair)
-        bucket_mass = attn.new_zeros(attn.shape[:-1] + (self.num_buckets,))
-        bucket_mass = bucket_mass.scatter_add(-1, ids.expand(attn.shape), attn)  # (B, H, n, K)
-        return bucket_mass @ table.to(attn.dtype)
+        return self.bucket_sums(attn, height, width) @ table.to(attn.dtype)
+
+    def value_term_attn_grad(self, grad_out: Tensor) -> Tensor:
+        """The gradient of the attention weights through ``value_term`` given the gradient of its
+        output, per bucket (B, H, n, K): ``pairs`` of it is the per-pair gradient."""
+        return grad_out @ self.lookup_table_weight.to(grad_out.dtype).transpose(-1, -2)
+
+    def value_term_table_grad(self, bucket_mass: Tensor, grad_out: Tensor) -> Tensor:
+        """The table's gradient through ``value_term``, from the ``bucket_sums`` (B, H, n, K) of the
+        attention weights and the gradient of the output."""
+        return (bucket_mass.transpose(-1, -2) @ grad_out).sum_to_size(self.lookup_table_weight.shape)
 
 
 class CrossImageRPE(nn.Module):
@@ -309,6 +354,10 @@ class CrossImageRPE(nn.Module):
         return self.rp_rows.value_term(attn, height, width, reference) + self.rp_cols.value_term(
             attn, height, width, reference
         )
+
+    @property
+    def leaves(self) -> tuple[ImageRPE, ...]:
+        return (self.rp_rows, self.rp_cols)
 
 
 def build_rpe(config: RPEConfig, num_heads: int, head_dim: int) -> tuple[nn.Module | None, ...]:
@@ -329,95 +378,91 @@ def build_rpe(config: RPEConfig, num_heads: int, head_dim: int) -> tuple[nn.Modu
 # --------------------------------------------------------------------------------------------------
 
 
-class _RecomputedAttention(torch.autograd.Function):
-    """softmax(q k^T s + bias) v (+ the value term) that saves no n x n tensor.
+def _split_heads(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values (B, H, n, d), as views of the projection's (B, n, 3, H, d) output."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
-    Forward runs without autograd and keeps only q, k and v; backward recomputes the attention
-    (one n x n matmul and a softmax, as flash attention does) and sends the logit gradient into the
-    RPE tables by autograd through the small per-bucket products, so every method, mode and
-    placement reuses the RPE modules' own code. Both run one image at a time: the n x n blocks
-    then stay in cache, which more than pays for the recomputation on the CPU.
+
+def _attention_per_image(layer: RPEAttention, q: Tensor, k: Tensor, grid: tuple[int, int]) -> Iterator[tuple[int, Tensor]]:
+    """Each image's attention weights (H, n, n) from (B, H, n, d) queries and keys; per image, the
+    RPE logit term stays in cache for the ``baddbmm`` that adds the scaled scores to it."""
+    batch, heads, num_tokens, _ = q.shape
+    no_bias = q.new_zeros(()).expand(heads, num_tokens, num_tokens)
+    for i in range(batch):
+        bias = layer._logit_bias(q[i], k[i], grid)
+        beta, bias = (0.0, no_bias) if bias is None else (1.0, bias.expand(heads, num_tokens, num_tokens))
+        yield i, torch.baddbmm(bias, q[i], k[i].transpose(-2, -1), beta=beta, alpha=layer.scale).softmax(dim=-1)
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """Attention with iRPE that saves no n x n tensor: flash-style recomputation on the CPU.
+
+    Takes the projection's output (B, n, 3, H, d) as it is and returns the attention output as
+    (B, n, H * d), the layout the output projection reads, so neither direction copies q, k, v or
+    their gradients. Forward keeps only the projection output and the attention output (which the
+    output projection keeps anyway). Backward recomputes the attention weights one image at a time,
+    so its n x n blocks stay in cache, and takes the RPE terms' gradients through each table's
+    ``bucket_sums`` (the adjoint of the ``pairs`` that built the terms): one loop serves every
+    method, mode and placement.
     """
 
     @staticmethod
-    def forward(
-        ctx: Any, layer: RPEAttention, grid: tuple[int, int], q: Tensor, k: Tensor, v: Tensor, *tables: Tensor
-    ) -> Tensor:
-        """``tables`` are the layer's RPE parameters (q/k tables, then v tables), passed so they get gradients."""
-        # Contiguous copies (the projection's output is then freed): every matmul in backward reads them.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        ctx.layer, ctx.grid = layer, grid
-        ctx.save_for_backward(q, k, v)
-        if layer.rpe_v is None:  # no attention weights needed: the fused kernel takes the RPE as a mask
+    def forward(ctx: Any, layer: RPEAttention, grid: tuple[int, int], qkv: Tensor, *tables: Tensor) -> Tensor:
+        """``tables`` are ``layer.rpe_tables()`` (q/k tables, then v tables), passed so they get gradients."""
+        batch, num_tokens, _, heads, head_dim = qkv.shape
+        q, k, v = _split_heads(qkv)
+        if layer.rpe_v is None:  # the fused kernel takes the q/k terms as an additive mask
             mask = layer._logit_bias(q, k, grid)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scale)
-        out = torch.empty_like(q)
-        for i in range(q.shape[0]):
-            qi, ki, vi = q[i : i + 1], k[i : i + 1], v[i : i + 1]
-            attn = layer._logits(qi, ki, grid).softmax(dim=-1)
-            out_i = torch.matmul(attn, vi, out=out[i : i + 1])
-            out_i += layer.rpe_v.value_term(attn, *grid)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scale)
+            out = out.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
+        else:
+            out = q.new_empty(batch, num_tokens, heads, head_dim)
+            for i, attn in _attention_per_image(layer, q, k, grid):
+                out[i] = torch.baddbmm(layer.rpe_v.value_term(attn, *grid), attn, v[i]).transpose(0, 1)
+            out = out.view(batch, num_tokens, heads * head_dim)
+        ctx.layer, ctx.grid = layer, grid
+        ctx.save_for_backward(qkv, out)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         layer, grid = ctx.layer, ctx.grid
-        q, k, v = ctx.saved_tensors
-        qk_tables, v_tables = layer.rpe_tables()
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        grad_tables: list[Tensor | None] = [None] * (len(qk_tables) + len(v_tables))
-        for i in range(q.shape[0]):
-            chunk = slice(i, i + 1)
-            grads = _recomputed_backward(
-                layer, grid, qk_tables, v_tables, q[chunk], k[chunk], v[chunk], grad_out[chunk]
-            )
-            grad_q[chunk], grad_k[chunk], grad_v[chunk] = grads[:3]
-            for t, grad in enumerate(grads[3:]):  # a table's gradient sums over the images
-                if grad is not None:
-                    grad_tables[t] = grad if grad_tables[t] is None else grad_tables[t] + grad
-        return (None, None, grad_q, grad_k, grad_v, *grad_tables)
-
-
-def _recomputed_backward(
-    layer: RPEAttention,
-    grid: tuple[int, int],
-    qk_tables: list[nn.Parameter],
-    v_tables: list[nn.Parameter],
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    grad_out: Tensor,
-) -> tuple[Tensor | None, ...]:
-    """Gradients of q, k, v and of the RPE tables (q/k tables, then v tables) for one chunk."""
-    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
-    with torch.enable_grad():
-        bias = layer._logit_bias(q, k, grid)
-    with torch.no_grad():
-        logits = (q @ k.transpose(-2, -1)).mul_(layer.scale)
-        if bias is not None:
-            logits += bias
-        attn = logits.softmax(dim=-1)
-        grad_v = attn.transpose(-2, -1) @ grad_out
-        grad_attn = grad_out @ v.transpose(-2, -1)
-    grad_v_tables: list[Tensor | None] = []
-    if layer.rpe_v is not None:
-        attn.requires_grad_()
-        with torch.enable_grad():
-            term = layer.rpe_v.value_term(attn, *grid)
-        grad_extra, *grad_v_tables = torch.autograd.grad(term, [attn, *v_tables], grad_out)
-        grad_attn += grad_extra
-        attn = attn.detach()
-    with torch.no_grad():
-        grad_logits = torch.ops.aten._softmax_backward_data(grad_attn, attn, -1, attn.dtype)
-        grad_q = (grad_logits @ k).mul_(layer.scale)
-        grad_k = (grad_logits.transpose(-2, -1) @ q).mul_(layer.scale)
-    grad_qk_tables: list[Tensor | None] = [None] * len(qk_tables)
-    if bias is not None:
-        grad_bias = grad_logits.sum_to_size(bias.shape)  # bias-mode terms broadcast over batch and shared heads
-        extra_q, extra_k, *grad_qk_tables = torch.autograd.grad(bias, [q, k, *qk_tables], grad_bias, allow_unused=True)
-        grad_q = grad_q if extra_q is None else grad_q + extra_q
-        grad_k = grad_k if extra_k is None else grad_k + extra_k
-    return (grad_q, grad_k, grad_v, *grad_qk_tables, *grad_v_tables)
+        qkv, out = ctx.saved_tensors
+        batch, num_tokens, _, heads, head_dim = qkv.shape
+        q, k, v = _split_heads(qkv)
+        grad_qkv = torch.empty_like(qkv)
+        grad_q, grad_k, grad_v = _split_heads(grad_qkv)
+        grad_out = grad_out.reshape(batch, num_tokens, heads, head_dim)
+        # softmax backward: dS = P (dP - D) with D_i = sum_j P_ij dP_ij = dO_i . O_i (as flash attention does)
+        row_dot = (grad_out * out.view_as(grad_out)).sum(-1).transpose(1, 2).unsqueeze(-1)  # (B, H, n, 1)
+        grad_out = grad_out.transpose(1, 2)  # (B, H, n, d)
+        qk_leaves, v_leaves = layer.rpe_leaves()
+        grad_tables: list[Tensor | None] = [None] * (len(qk_leaves) + len(v_leaves))
+        for i, attn in _attention_per_image(layer, q, k, grid):
+            grad_out_i = grad_out[i]
+            grad_v[i] = torch.bmm(attn.transpose(-2, -1), grad_out_i)
+            grad_attn = torch.bmm(grad_out_i, v[i].transpose(-2, -1))
+            v_table_grads = []
+            for leaf in v_leaves:
+                grad_attn += leaf.pairs(leaf.value_term_attn_grad(grad_out_i), *grid)
+                v_table_grads.append(leaf.value_term_table_grad(leaf.bucket_sums(attn, *grid), grad_out_i))
+            grad_logits = grad_attn.sub_(row_dot[i]).mul_(attn)
+            # beta=0: baddbmm scales the product in place and ignores its first argument
+            grad_q_i = torch.baddbmm(q[i], grad_logits, k[i], beta=0.0, alpha=layer.scale)
+            grad_k_i = torch.baddbmm(k[i], grad_logits.transpose(-2, -1), q[i], beta=0.0, alpha=layer.scale)
+            qk_table_grads = []
+            for leaf in qk_leaves:
+                x, grad_x = (q[i], grad_q_i) if leaf.on == "k" else (k[i], grad_k_i)
+                grad_term = grad_logits if leaf.on == "k" else grad_logits.transpose(-2, -1)
+                grad_extra, grad_table = leaf.attn_bias_backward(x, leaf.bucket_sums(grad_term, *grid), layer.scale)
+                if grad_extra is not None:
+                    grad_x += grad_extra
+                qk_table_grads.append(grad_table)
+            grad_q[i], grad_k[i] = grad_q_i, grad_k_i
+            for t, grad in enumerate(qk_table_grads + v_table_grads):  # a table's gradient sums over the images
+                grad_tables[t] = grad if grad_tables[t] is None else grad_tables[t].add_(grad)
+        return (None, None, grad_qkv, *grad_tables)
 
 
 class RPEAttention(nn.Module):
@@ -452,10 +497,15 @@ class RPEAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(self.rpe_config, self.num_heads, self.head_dim)
 
+    def rpe_leaves(self) -> tuple[list[ImageRPE], list[ImageRPE]]:
+        """The single-table RPE modules on queries and keys, and those on values."""
+        qk = [leaf for rpe in (self.rpe_q, self.rpe_k) if rpe is not None for leaf in rpe.leaves]
+        return qk, ([] if self.rpe_v is None else list(self.rpe_v.leaves))
+
     def rpe_tables(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """The RPE parameters of queries and keys, and those of values."""
-        qk = [p for rpe in (self.rpe_q, self.rpe_k) if rpe is not None for p in rpe.parameters()]
-        return qk, ([] if self.rpe_v is None else list(self.rpe_v.parameters()))
+        """The RPE parameters of queries and keys, and those of values (in ``rpe_leaves`` order)."""
+        qk, v = self.rpe_leaves()
+        return [leaf.table for leaf in qk], [leaf.table for leaf in v]
 
     def _grid(self, num_tokens: int, grid_size: tuple[int, int] | None) -> tuple[int, int]:
         skip = self.rpe_config.skip
@@ -470,14 +520,12 @@ class RPEAttention(nn.Module):
             )
         return int(height), int(width)
 
-    def _qkv(self, x: Tensor, grid_size: tuple[int, int] | None) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
-        """Queries, keys, values (B, H, n, d) and the grid. Queries stay unscaled: the logits are
-        scaled in place instead, which saves a (B, H, n, d) activation."""
+    def _qkv(self, x: Tensor, grid_size: tuple[int, int] | None) -> tuple[Tensor, tuple[int, int]]:
+        """The projection's output as (B, n, 3, H, d) and the grid. Queries stay unscaled: the logits
+        are scaled in place instead, which saves a (B, H, n, d) activation."""
         batch, num_tokens, _ = x.shape
         grid = self._grid(num_tokens, grid_size)
-        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        return q, k, v, grid
+        return self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim), grid
 
     def _logit_bias(self, q: Tensor, k: Tensor, grid: tuple[int, int]) -> Tensor | None:
         """The summed q/k RPE logit term, or None without RPE on q and k."""
@@ -517,26 +565,27 @@ class RPEAttention(nn.Module):
     @torch.no_grad()
     def attention_weights(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
         """Attention probabilities (B, H, n, n) for input tokens ``x`` (what the visualiser draws)."""
-        q, k, _, grid = self._qkv(x, grid_size)
+        qkv, grid = self._qkv(x, grid_size)
+        q, k, _ = _split_heads(qkv)
         return self._logits(q, k, grid).softmax(dim=-1)
 
     def forward(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
         batch, num_tokens, dim = x.shape
-        q, k, v, grid = self._qkv(x, grid_size)
+        qkv, grid = self._qkv(x, grid_size)
+        q, k, v = _split_heads(qkv)
         path = self._path(q)
+        if path == "recompute":
+            qk_tables, v_tables = self.rpe_tables()
+            return self.proj_drop(self.proj(_RecomputedAttention.apply(self, grid, qkv, *qk_tables, *v_tables)))
         if path == "sdpa":
             bias = self._logit_bias(q, k, grid)
             dropout = self.attn_drop.p if self.training else 0.0
             mask = None if bias is None else bias.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
-        elif path == "recompute":
-            qk_tables, v_tables = self.rpe_tables()
-            out = _RecomputedAttention.apply(self, grid, q, k, v, *qk_tables, *v_tables)
         else:
             attn = self.attn_drop(self._logits(q, k, grid).softmax(dim=-1))
             out = attn @ v
             if self.rpe_v is not None:
                 out = out + self.rpe_v.value_term(attn, *grid, self.reference).to(out.dtype)
-
         out = out.transpose(1, 2).reshape(batch, num_tokens, dim)
         return self.proj_drop(self.proj(out))
