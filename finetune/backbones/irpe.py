@@ -309,8 +309,8 @@ class ImageRPE(nn.Module):
         return torch.matmul(x, table.expand(x.shape[:-2] + table.shape[-2:])).mul_(scale)
 
     def attn_bias_backward(self, x: Tensor, grad_buckets: Tensor, scale: float = 1.0) -> tuple[Tensor | None, Tensor]:
-        """Gradients of ``attn_bias(x, ...)``, given the ``bucket_sums`` (B, H, n, K) of the gradient of
-        its output in the term's own orientation (transposed on q): the gradient of ``x`` (None in
+        """Gradients of ``attn_bias(x, ...)``, given the ``bucket_sums`` (..., H, n, K) of the gradient
+        of its output in the term's own orientation (transposed on q): the gradient of ``x`` (None in
         bias mode, where the term does not depend on it) and of the table."""
         if self.mode == "bias":
             return None, grad_buckets.sum(-2).sum_to_size(self.lookup_table_bias.shape)
@@ -329,11 +329,11 @@ class ImageRPE(nn.Module):
 
     def value_term_attn_grad(self, grad_out: Tensor) -> Tensor:
         """The gradient of the attention weights through ``value_term`` given the gradient of its
-        output, per bucket (B, H, n, K): ``pairs`` of it is the per-pair gradient."""
+        output, per bucket (..., H, n, K): ``pairs`` of it is the per-pair gradient."""
         return grad_out @ self.lookup_table_weight.to(grad_out.dtype).transpose(-1, -2)
 
     def value_term_table_grad(self, bucket_mass: Tensor, grad_out: Tensor) -> Tensor:
-        """The table's gradient through ``value_term``, from the ``bucket_sums`` (B, H, n, K) of the
+        """The table's gradient through ``value_term``, from the ``bucket_sums`` (..., H, n, K) of the
         attention weights and the gradient of the output."""
         return (bucket_mass.transpose(-1, -2) @ grad_out).sum_to_size(self.lookup_table_weight.shape)
 
