@@ -48,7 +48,7 @@ class Benchmark:
 
 
 # --no-memory: a tiny model's resident-set growth is mostly noise.
-_BACKBONES_QUICK = ["--depth", "3", "--batch-size", "2", "--infer-batch-sizes", "1", "4", "--rounds", "1",
+_BACKBONES_QUICK = ["--depth", "3", "--batch-size", "2", "--infer-batch-sizes", "1", "4", "--rounds", "1", "--infer-rounds", "1",
                     "--no-reference", "--no-memory"]
 BENCHMARKS = [
     Benchmark("irpe", "benchmarks.backbones", "backbones_irpe",
@@ -61,6 +61,8 @@ BENCHMARKS = [
     # the speedup is per block
     Benchmark("compile", "benchmarks.compile", "compile", ["--depth", "4"],
               ["--depth", "3", "--batch-size", "2", "--infer-batch-size", "4", "--rounds", "1"], device_flag="--device"),
+    Benchmark("attention_profile", "benchmarks.attention_profile", "attention_profile", [],
+              ["--batch-size", "2", "--steps", "1"]),
     Benchmark("data_pipeline", "benchmarks.data_pipeline", "data_pipeline", [],
               ["--workers", "0", "1", "--seconds", "0.5", "--num-images", "8", "--batch-size", "4"],
               out_flag="--out"),

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="training batch")
     parser.add_argument("--infer-batch-sizes", type=int, nargs="*", default=[1, 32], help="inference batches")
     parser.add_argument("--depth", type=int, default=None, help="override the depth (quick runs)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10, help="training rounds (best single call is kept)")
+    parser.add_argument("--infer-rounds", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-path rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child runs")
@@ -187,7 +188,7 @@ def run_suite(suite: str, variants: list[Variant], args: argparse.Namespace, dev
         batch = _batch(batch_size, device)[0]
         infer[batch_size] = time_interleaved(
             {label: (lambda m=m, b=batch: infer_step(m, b, bf16)) for label, m in models.items()},
-            device, max(1, args.rounds // 2), calls=1,
+            device, args.infer_rounds, calls=1,
         )
     del models
 
@@ -231,7 +232,7 @@ def run_suite(suite: str, variants: list[Variant], args: argparse.Namespace, dev
     notes = (
         f"Training = forward+backward at batch {args.batch_size}{', bf16 autocast' if bf16 else ', float32'}; "
         f"ratios to `{baseline}` in the same run (best single call of {args.rounds} interleaved rounds, "
-        f"inference {max(1, args.rounds // 2)}). "
+        f"inference {args.infer_rounds}). "
         + ("Peak memory: growth of the resident set of a fresh process over two steps, from before the model was built, "
            "with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so it follows the live tensors."
            if device.type == "cpu" else "Peak memory: torch.cuda.max_memory_allocated in a fresh process.")

@@ -534,7 +534,7 @@ class RPEAttention(nn.Module):
             bias = self.rpe_k.attn_bias(q, *grid, self.reference, self.scale)
         if self.rpe_q is not None:
             term = self.rpe_q.attn_bias(k, *grid, self.reference, self.scale)
-            bias = term if bias is None else bias + term
+            bias = term if bias is None else bias.add_(term)  # the key term is a new tensor: add in place
         return bias
 
     def _logits(self, q: Tensor, k: Tensor, grid: tuple[int, int]) -> Tensor:
