@@ -94,6 +94,9 @@ class ImageClassifier(L.LightningModule):
         compile: ``torch.compile`` the model (in place, so checkpoint keys do not change).
         channels_last: convert model and inputs to channels-last (helps convnets on GPU).
         dataset_name: name recorded in the checkpoint; default: the datamodule class name.
+        eval_crop_pct: centre-crop fraction of evaluation images in place of the model's pretrained
+            ``crop_pct`` (DeiT and SP-ViT evaluate at 384 with 1.0); the datamodule, the checkpoint and
+            the exported Hub config take it.
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class ImageClassifier(L.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         dataset_name: str | None = None,
+        eval_crop_pct: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -131,8 +135,12 @@ class ImageClassifier(L.LightningModule):
                 f"finetune_strategy freeze_then_unfreeze needs unfreeze_epoch >= 1 (got {unfreeze_epoch}); "
                 "set model.unfreeze_epoch or use finetune_strategy full"
             )
+        if eval_crop_pct is not None and not 0.0 < eval_crop_pct <= 1.0:
+            raise FinetuneConfigError(f"model.eval_crop_pct={eval_crop_pct!r}: expected a fraction in (0, 1]")
         self.model = _create_model(model_name, pretrained, model_kwargs or {})
         self.data_config = _data_config(self.model, model_kwargs or {})
+        if eval_crop_pct is not None:
+            self.data_config["crop_pct"] = float(eval_crop_pct)
         self.num_classes: int | None = None
         self.class_names: list[str] | None = None
         self.ema: ModelEmaV3 | None = None

@@ -122,6 +122,12 @@ def test_validate_links_the_model_data_config_into_the_datamodule(fitted: Path, 
     assert 0.0 <= float(cli.trainer.callback_metrics["val/top1"]) <= 1.0
 
 
+def test_eval_crop_pct_reaches_the_datamodule(synthetic_cub: Path, tmp_path: Path):
+    args = ["validate", *tiny_fit_args(synthetic_cub, tmp_path), "--trainer.limit_val_batches", "1"]
+    assert run_cli(args).datamodule.hparams.crop_pct == 0.875  # the model's pretrained cfg
+    assert run_cli([*args, "--model.eval_crop_pct", "1.0"]).datamodule.hparams.crop_pct == 1.0
+
+
 def test_test_subcommand_reports_metrics_and_a_test_confusion_matrix(fitted: Path, synthetic_cub: Path):
     cli = run_cli(
         [

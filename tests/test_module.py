@@ -244,6 +244,14 @@ def test_missing_pretrained_file_is_one_clear_error(tmp_path):
         ImageClassifier("irpe_deit_tiny_patch16_224", pretrained=str(tmp_path / "nope.pth"))
 
 
+def test_eval_crop_pct_replaces_the_pretrained_crop_and_rejects_non_fractions():
+    assert tiny_classifier().data_config["crop_pct"] == 0.875  # the model's pretrained cfg
+    assert tiny_classifier(eval_crop_pct=1.0).data_config["crop_pct"] == 1.0
+    for bad in (0.0, 1.5):
+        with pytest.raises(FinetuneConfigError, match=f"model.eval_crop_pct={bad}: expected a fraction"):
+            tiny_classifier(eval_crop_pct=bad)
+
+
 def test_pretrained_file_of_another_architecture_names_the_mismatch(tmp_path):
     other = timm.create_model("irpe_deit_tiny_patch16_224", **{**TINY, "embed_dim": 32})
     path = tmp_path / "other.pth"
