@@ -73,9 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size < 1 or args.threads < 1 or args.steps < 1:
         parser.error("--batch-size, --threads and --steps must be >= 1")
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    x = torch.randn(args.batch_size, 1 + GRID * GRID, DIM, requires_grad=True)
-    measured = {label: op_times(layer, x, args.steps) for label, layer in layers().items()}
+    try:
+        x = torch.randn(args.batch_size, 1 + GRID * GRID, DIM, requires_grad=True)
+        measured = {label: op_times(layer, x, args.steps) for label, layer in layers().items()}
+    finally:
+        torch.set_num_threads(threads)
     labels = list(measured)
     totals: dict[str, float] = {}
     for times, _ in measured.values():

@@ -1,0 +1,51 @@
+"""The benchmark scripts' own logic: target checks and the per-op attention profile (no timings asserted)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmarks.common
+from benchmarks import attention_profile
+from benchmarks.backbones import Target, target_table
+
+
+def test_target_table_checks_named_rows_and_the_worst_fast_path_row():
+    rows = [
+        {"model": "base", "train ratio": 1.0, "train memory ratio": 1.0},
+        {"model": "irpe ctx K shared", "train ratio": 0.93, "train memory ratio": 1.02},
+        {"model": "irpe ctx QKV shared", "train ratio": 0.81, "train memory ratio": 1.04},
+        {"model": "irpe ctx QKV shared (reference)", "train ratio": 0.40, "train memory ratio": 3.2},
+    ]
+    table = target_table(
+        [
+            Target("issue 8", "irpe ctx K shared", "train ratio", 0.95),
+            Target("issue 2", "irpe ctx K shared", "train ratio", 0.92),
+            Target("issue 8", None, "train memory ratio", 1.05, at_least=False),
+            Target("issue 8", "irpe ctx QK shared", "train ratio", 0.8),
+        ],
+        rows,
+    ).splitlines()
+    assert table[2] == "| issue 8: irpe ctx K shared, train ratio | >= 0.95 | 0.930 | MISSED |"
+    assert table[3] == "| issue 2: irpe ctx K shared, train ratio | >= 0.92 | 0.930 | met |"
+    assert table[4] == "| issue 8: every fast-path row, train memory ratio | <= 1.05 | 1.040 | met |"  # not the reference's 3.2
+    assert table[5].endswith("| >= 0.8 | not measured | |")
+
+
+def test_attention_profile_writes_each_op_per_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(benchmarks.common, "RESULTS_DIR", tmp_path)
+    threads = torch.get_num_threads()
+    attention_profile.main(["--batch-size", "1", "--steps", "1", "--top", "30", "--threads", str(max(1, threads - 1))])
+    assert torch.get_num_threads() == threads  # restored for whatever runs next
+    assert {p.name for p in tmp_path.iterdir()} == {f"attention_profile.{ext}" for ext in ("csv", "md", "png")}
+    with open(tmp_path / "attention_profile.csv", newline="") as f:
+        rows = {row["op (self ms per step)"]: row for row in csv.DictReader(f)}
+    timm, key, qkv = "timm Attention (fused SDPA)", "irpe ctx K shared", "irpe ctx QKV shared"
+    fused_backward = rows["aten::_scaled_dot_product_flash_attention_for_cpu_backward"]
+    assert float(fused_backward[timm]) > 0 and float(fused_backward[key]) == 0  # iRPE recomputes instead
+    for op in ("aten::gather", "aten::scatter_add_"):
+        assert float(rows[op][timm]) == 0 and float(rows[op][key]) > 0 and float(rows[op][qkv]) > float(rows[op][key])
+    assert float(rows["wall time per step (unprofiled)"][key]) > 0
