@@ -390,6 +390,13 @@ def release_weights():
     return raw, ema
 
 
+def load_release_file(path, **kwargs) -> SPViT:
+    """timm.create_model on a local release file (the small test architecture; ``kwargs`` on top)."""
+    return timm.create_model(
+        "spvit_small_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **{**SMALL, **kwargs}
+    )
+
+
 def assert_loaded(model, expected, skip=()):
     for key, value in model.state_dict().items():
         if key not in skip:
@@ -402,13 +409,7 @@ def test_release_checkpoint_with_ema_loads_ema_unless_told_not_to(tmp_path, rele
     path = tmp_path / "model_best.pth.tar"
     save_release_checkpoint(path, raw, ema)
     kwargs = {} if use_ema is None else {"use_ema": use_ema}
-    model = timm.create_model(
-        "spvit_small_patch16_224",
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        **SMALL,
-        **kwargs,
-    )
+    model = load_release_file(path, **kwargs)
     assert_loaded(model, raw if use_ema is False else ema)
     assert model.pretrained_cfg["file"] == str(path) and "state_dict" not in model.pretrained_cfg
 
@@ -418,13 +419,7 @@ def test_release_checkpoint_without_ema_loads_training_weights(tmp_path, release
     raw, _ = release_weights
     path = tmp_path / "checkpoint-309.pth.tar"
     save_release_checkpoint(path, raw)
-    model = timm.create_model(
-        "spvit_small_patch16_224",
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        use_ema=use_ema,
-        **SMALL,
-    )
+    model = load_release_file(path, use_ema=use_ema)
     assert_loaded(model, raw)
 
 
@@ -432,12 +427,7 @@ def test_release_checkpoint_at_another_img_size_resamples_pos_embed(tmp_path, re
     raw, _ = release_weights
     path = tmp_path / "model_best.pth.tar"
     save_release_checkpoint(path, raw)
-    model = timm.create_model(
-        "spvit_small_patch16_224",
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        **{**SMALL, "img_size": 96},
-    )
+    model = load_release_file(path, img_size=96)
     expected = resample_abs_pos_embed(raw["pos_embed"], new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=0)
     assert model.pos_embed.shape == (1, 36, 32)
     torch.testing.assert_close(model.pos_embed.data, expected)
@@ -450,12 +440,7 @@ def test_release_checkpoint_loads_for_fine_tuning_with_new_heads(tmp_path, relea
     raw, _ = release_weights
     path = tmp_path / "model_best.pth.tar"
     save_release_checkpoint(path, raw)
-    model = timm.create_model(
-        "spvit_small_patch16_224",
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        **{**SMALL, "num_classes": 10},
-    )
+    model = load_release_file(path, num_classes=10)
     assert model.head.weight.shape == (10, 32) and model.aux_head.weight.shape == (10, 32)
     assert_loaded(model, raw, skip={"head.weight", "head.bias", "aux_head.weight", "aux_head.bias"})
 
@@ -467,9 +452,7 @@ def test_checkpoint_for_another_architecture_names_the_key_and_shapes(tmp_path):
     with pytest.raises(
         CheckpointMismatchError, match=r"'cls_token' has shape \(1, 1, 48\) but model .* expects \(1, 1, 32\)"
     ):
-        timm.create_model(
-            "spvit_small_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL
-        )
+        load_release_file(path)
     # a plain ViT of the same width: its pos_embed has a class slot (17 = 1 + 4x4), SP-ViT's does not
     vit = timm.create_model(
         "vit_tiny_patch16_224", depth=1, img_size=64, embed_dim=32, num_heads=4
@@ -480,9 +463,7 @@ def test_checkpoint_for_another_architecture_names_the_key_and_shapes(tmp_path):
         CheckpointMismatchError,
         match=r"'pos_embed' has shape \(1, 17, 32\) but model .* expects \(1, 16, 32\)",
     ):
-        timm.create_model(
-            "spvit_small_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL
-        )
+        load_release_file(path)
 
 
 @pytest.mark.parametrize(("prior_resize", "largest_dx"), [("keep", 5.0), ("scale", 5.0 * 4 / 6)])
@@ -492,12 +473,7 @@ def test_loading_at_another_grid_records_trained_grid_for_prior_resize(
     raw, _ = release_weights
     path = tmp_path / "model_best.pth.tar"
     save_release_checkpoint(path, raw)
-    model = timm.create_model(
-        "spvit_small_patch16_224",
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        **{**SMALL, "img_size": 96, "prior_resize": prior_resize},
-    ).eval()
+    model = load_release_file(path, img_size=96, prior_resize=prior_resize).eval()
     assert model.prior_resize == prior_resize and model.trained_grid == (4, 4)
     offsets = []
     model.blocks[0].attn.w1.register_forward_hook(lambda m, args, out: offsets.append(args[0]))
