@@ -297,14 +297,14 @@ class ImageRPE(nn.Module):
             per_pair = self.lookup_table_weight[:, :, ids].expand(self.num_heads, -1, -1, -1)  # (H, d, n, n)
             term = torch.einsum("bhid,hdij->bhij", x * scale, per_pair)
         else:
-            term = self.pairs(self.logit_buckets(x, height * width + self.config.skip, scale), height, width)
+            term = self.pairs(self._logit_buckets(x, scale), height, width)
         return term if self.on == "k" else term.transpose(-1, -2)
 
-    def logit_buckets(self, x: Tensor, num_tokens: int, scale: float = 1.0) -> Tensor:
+    def _logit_buckets(self, x: Tensor, scale: float) -> Tensor:
         """The logit term per row and bucket, (B, H, n, K) (x_i . r_b, scaled) in contextual mode and
         (H or 1, n, K) (the table, broadcast) in bias mode: ``pairs`` of it is the term."""
         if self.mode == "bias":
-            return self.lookup_table_bias[:, None, :].expand(-1, num_tokens, -1)
+            return self.lookup_table_bias[:, None, :].expand(-1, x.shape[-2], -1)
         table = self.lookup_table_weight.to(x.dtype)  # matched batch dims: a strided x is not copied
         return torch.matmul(x, table.expand(x.shape[:-2] + table.shape[-2:])).mul_(scale)
 
