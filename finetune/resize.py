@@ -252,6 +252,8 @@ def set_rpe_config(model: nn.Module, config: RPEConfig) -> None:
                 shape[_bucket_dim(module)] = size
                 setattr(module, name, nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad))
                 module.num_buckets = size
+            if module.grid_size is not None:  # the ids of the built grid follow the new config
+                module.set_grid_size(module.grid_size)
 
 
 def convert_rpe_tables(state_dict: dict[str, Tensor], model: nn.Module, old_grid: Grid) -> dict[str, Tensor]:

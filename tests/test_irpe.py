@@ -127,12 +127,18 @@ def test_non_square_grid_12x20():
     assert ids[1, 1 + 11 * 20] == 0 * 7 + 3
 
 
-def test_bucket_ids_are_cached_per_grid_and_device():
+def test_built_grid_ids_are_a_non_persistent_buffer_and_other_grids_are_computed():
+    """As timm's Swin keeps its relative position index: a buffer for the built grid, not in the state
+    dict; another grid (dynamic sizes) gets its ids computed; ``set_grid_size`` rebuilds the buffer."""
     config = RPEConfig()
-    assert bucket_ids("product", 7, 9, config, torch.device("cpu")) is bucket_ids(
-        "product", 7, 9, config, torch.device("cpu")
-    )
-    assert bucket_ids("product", 7, 9, config) is not bucket_ids("product", 9, 7, config)
+    rpe = ImageRPE("product", "k", 2, 4, config, grid_size=(7, 9))
+    assert "bucket_index" in dict(rpe.named_buffers()) and "bucket_index" not in rpe.state_dict()
+    assert torch.equal(rpe.bucket_index, bucket_ids("product", 7, 9, config))
+    assert rpe.bucket_ids(7, 9, torch.device("cpu")) is rpe.bucket_index
+    assert torch.equal(rpe.bucket_ids(9, 7, torch.device("cpu")), bucket_ids("product", 9, 7, config))
+    rpe.set_grid_size((9, 7))
+    assert rpe.grid_size == (9, 7) and torch.equal(rpe.bucket_index, bucket_ids("product", 9, 7, config))
+    assert rpe.to(torch.float64).bucket_index.dtype == torch.long
 
 
 # ---------------------------------------------------------------------------------------------

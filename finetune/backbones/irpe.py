@@ -13,7 +13,6 @@ method holds two such modules, ``rp_rows`` and ``rp_cols``. ``heads`` is 1 for s
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -22,8 +21,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .tracing import grid_constant
 
 __all__ = [
     "RPEConfig",
@@ -174,10 +171,10 @@ def num_buckets(method: str, config: RPEConfig) -> int:
     return size + (1 if config.skip > 0 else 0)
 
 
-def _grid_offsets(height: int, width: int) -> tuple[Tensor, Tensor]:
+def _grid_offsets(height: int, width: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """Row and column offsets p_i - p_j for every pair of grid positions (row-major), each (n, n)."""
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
     return rows[:, None] - rows[None, :], cols[:, None] - cols[None, :]
 
 
@@ -188,19 +185,17 @@ def _scaled_offset(offset: Tensor, size: int, trained: int) -> Tensor:
     return nearest.clamp(1 - trained, trained - 1).long()
 
 
-@grid_constant  # compile / export hold the ids as constants (finetune/backbones/tracing.py)
-@functools.lru_cache(maxsize=256)
-@torch.inference_mode(False)  # cached ids first built under inference mode must still serve training
 def bucket_ids(
     method: str, height: int, width: int, config: RPEConfig, device: torch.device | None = None
 ) -> Tensor:
-    """Bucket of every (query, key) pair, (skip + h*w) x (skip + h*w), cached per grid and device.
+    """Bucket of every (query, key) pair, (skip + h*w) x (skip + h*w).
 
     Pairs that involve one of the first ``skip`` tokens use the last bucket of the table. Under
-    ``config.resize == "scale"`` offsets are first measured in units of ``config.trained_grid``. The
-    returned tensor is shared by all callers: do not modify it.
+    ``config.resize == "scale"`` offsets are first measured in units of ``config.trained_grid``.
+    Plain tensor code: ``ImageRPE`` keeps the ids of its built grid in a buffer and calls this for
+    other grids, which ``torch.compile`` and ``torch.export`` trace like any other op.
     """
-    dr, dc = _grid_offsets(height, width)
+    dr, dc = _grid_offsets(height, width, device)
     if config.resize == "scale" and config.trained_grid is not None:
         dr = _scaled_offset(dr, height, config.trained_grid[0])
         dc = _scaled_offset(dc, width, config.trained_grid[1])
@@ -218,11 +213,8 @@ def bucket_ids(
     else:
         raise ValueError(f"bucket method {method!r}: expected euc, quant, product, cross_rows or cross_cols")
     if config.skip > 0:
-        n = height * width
-        padded = torch.full((n + config.skip, n + config.skip), num_buckets(method, config) - 1, dtype=torch.long)
-        padded[config.skip :, config.skip :] = ids
-        ids = padded
-    return ids.to(device) if device is not None else ids
+        ids = F.pad(ids, (config.skip, 0, config.skip, 0), value=num_buckets(method, config) - 1)
+    return ids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,7 +232,13 @@ class ImageRPE(nn.Module):
     """
 
     def __init__(
-        self, method: str, on: str, num_heads: int, head_dim: int, config: RPEConfig
+        self,
+        method: str,
+        on: str,
+        num_heads: int,
+        head_dim: int,
+        config: RPEConfig,
+        grid_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.method = method
@@ -257,6 +255,16 @@ class ImageRPE(nn.Module):
             self.lookup_table_weight = nn.Parameter(torch.zeros(table_heads, self.num_buckets, head_dim))
         else:
             self.lookup_table_weight = nn.Parameter(torch.zeros(table_heads, head_dim, self.num_buckets))
+        self.grid_size: tuple[int, int] | None = None
+        self.register_buffer("bucket_index", None, persistent=False)
+        if grid_size is not None:
+            self.set_grid_size(grid_size)
+
+    def set_grid_size(self, grid_size: tuple[int, int]) -> None:
+        """Build the bucket ids of ``grid_size`` into the non-persistent ``bucket_index`` buffer (as
+        timm's Swin builds its relative position index); call again after a grid or config change."""
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.bucket_index = bucket_ids(self.method, *self.grid_size, self.config, self.table.device)
 
     def extra_repr(self) -> str:
         return f"method={self.method}, on={self.on}, mode={self.mode}, buckets={self.num_buckets}"
@@ -271,6 +279,9 @@ class ImageRPE(nn.Module):
         return (self,)
 
     def bucket_ids(self, height: int, width: int, device: torch.device) -> Tensor:
+        """The buffer for the built grid; for another grid (dynamic sizes), the ids computed anew."""
+        if (height, width) == self.grid_size:
+            return self.bucket_index
         return bucket_ids(self.method, height, width, self.config, device)
 
     def pairs(self, per_bucket: Tensor, height: int, width: int) -> Tensor:
@@ -341,10 +352,12 @@ class ImageRPE(nn.Module):
 class CrossImageRPE(nn.Module):
     """The cross method: one table along rows and one along columns, whose encodings add."""
 
-    def __init__(self, on: str, num_heads: int, head_dim: int, config: RPEConfig) -> None:
+    def __init__(
+        self, on: str, num_heads: int, head_dim: int, config: RPEConfig, grid_size: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
-        self.rp_rows = ImageRPE("cross_rows", on, num_heads, head_dim, config)
-        self.rp_cols = ImageRPE("cross_cols", on, num_heads, head_dim, config)
+        self.rp_rows = ImageRPE("cross_rows", on, num_heads, head_dim, config, grid_size)
+        self.rp_cols = ImageRPE("cross_cols", on, num_heads, head_dim, config, grid_size)
 
     def attn_bias(self, x: Tensor, height: int, width: int, reference: bool = False, scale: float = 1.0) -> Tensor:
         rows = self.rp_rows.attn_bias(x, height, width, reference, scale)
@@ -360,15 +373,17 @@ class CrossImageRPE(nn.Module):
         return (self.rp_rows, self.rp_cols)
 
 
-def build_rpe(config: RPEConfig, num_heads: int, head_dim: int) -> tuple[nn.Module | None, ...]:
+def build_rpe(
+    config: RPEConfig, num_heads: int, head_dim: int, grid_size: tuple[int, int] | None = None
+) -> tuple[nn.Module | None, ...]:
     """The (rpe_q, rpe_k, rpe_v) modules of one attention layer; None where the config has no RPE."""
 
     def build(on: str) -> nn.Module | None:
         if on not in config.rpe_on:
             return None
         if config.method == "cross":
-            return CrossImageRPE(on, num_heads, head_dim, config)
-        return ImageRPE(config.method, on, num_heads, head_dim, config)
+            return CrossImageRPE(on, num_heads, head_dim, config, grid_size)
+        return ImageRPE(config.method, on, num_heads, head_dim, config, grid_size)
 
     return build("q"), build("k"), build("v")
 
@@ -482,6 +497,7 @@ class RPEAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         rpe_config: RPEConfig | dict[str, Any] | None = None,
+        grid_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -495,7 +511,15 @@ class RPEAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(self.rpe_config, self.num_heads, self.head_dim)
+        self.grid_size = None if grid_size is None else (int(grid_size[0]), int(grid_size[1]))
+        self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(self.rpe_config, self.num_heads, self.head_dim, self.grid_size)
+
+    def set_grid_size(self, grid_size: tuple[int, int]) -> None:
+        """The patch grid this layer is built for: its bucket ids are kept in buffers."""
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        qk, v = self.rpe_leaves()
+        for leaf in qk + v:
+            leaf.set_grid_size(self.grid_size)
 
     def rpe_leaves(self) -> tuple[list[ImageRPE], list[ImageRPE]]:
         """The single-table RPE modules on queries and keys, and those on values."""
@@ -509,6 +533,8 @@ class RPEAttention(nn.Module):
 
     def _grid(self, num_tokens: int, grid_size: tuple[int, int] | None) -> tuple[int, int]:
         skip = self.rpe_config.skip
+        if grid_size is None and self.grid_size is not None and num_tokens == self.grid_size[0] * self.grid_size[1] + skip:
+            grid_size = self.grid_size
         if grid_size is None:  # square grid, as the released code assumes
             side = math.isqrt(num_tokens - skip)
             grid_size = (side, side)

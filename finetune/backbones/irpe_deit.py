@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerType
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._manipulate import checkpoint
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
@@ -57,6 +56,8 @@ class IRPEVisionTransformer(VisionTransformer):
     def __init__(self, rpe_config: RPEConfig | dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.rpe_config = RPEConfig.from_any(rpe_config)
         super().__init__(block_fn=partial(RPEBlock, rpe_config=self.rpe_config), **kwargs)
+        for block in self.blocks:
+            block.attn.set_grid_size(self.patch_embed.grid_size)
 
     def grid_size_of(self, x: torch.Tensor) -> tuple[int, int]:
         """Patch grid of an input image batch."""

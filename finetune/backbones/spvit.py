@@ -15,7 +15,6 @@ Parameter names are the release's, so its timm CheckpointSaver files (``state_di
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from typing import Any
@@ -27,20 +26,20 @@ from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_
 from timm.layers.attention import Attention
 from timm.models import (
     build_model_with_cfg,
+    checkpoint,
     generate_default_cfgs,
     load_state_dict,
+    named_apply,
     register_model,
     resolve_pretrained_cfg,
 )
 from timm.models._hub import download_cached_file
 from timm.models._input import update_model_args
-from timm.models._manipulate import checkpoint, named_apply
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
 from ..resize import PRIOR_RESIZE_STRATEGIES, prior_offset_scale
 from .checkpoint import check_state_dict
-from .tracing import grid_constant
 
 __all__ = ["SPViT", "SPSAttention", "SPViTBlock", "ConvStem", "offset_table", "checkpoint_filter_fn"]
 
@@ -50,24 +49,23 @@ _logger = logging.getLogger(__name__)
 AUX_LOGIT_WEIGHT = 0.5
 
 
-@grid_constant  # compile / export hold the table as constants (finetune/backbones/tracing.py)
-@functools.lru_cache(maxsize=64)
-@torch.inference_mode(False)  # a table first built under inference mode must still serve training
 def offset_table(height: int, width: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """The distinct patch offsets of an h x w grid and the offset of every (query, key) pair.
 
     Returns ``offsets``, ((2h-1)(2w-1), 2) float rows (dx, dy) = (col_j - col_i, row_j - row_i), and
     ``index``, (n*n,) long with n = h*w: the ``offsets`` row of pair (i, j) at i*n + j, tokens in
-    row-major order. Cached per grid and device; the tensors are shared, do not modify them.
+    row-major order. Plain tensor code: ``SPSAttention`` keeps the table of its built grid in buffers.
     """
-    dy, dx = torch.meshgrid(torch.arange(1 - height, height), torch.arange(1 - width, width), indexing="ij")
+    dy, dx = torch.meshgrid(
+        torch.arange(1 - height, height, device=device), torch.arange(1 - width, width, device=device), indexing="ij"
+    )
     offsets = torch.stack([dx.flatten(), dy.flatten()], dim=1).float()
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
     row_offset = rows[None, :] - rows[:, None] + height - 1
     col_offset = cols[None, :] - cols[:, None] + width - 1
     index = (row_offset * (2 * width - 1) + col_offset).flatten()
-    return offsets.to(device), index.to(device)
+    return offsets, index
 
 
 class SPSAttention(nn.Module):
@@ -89,6 +87,7 @@ class SPSAttention(nn.Module):
         qkv_bias: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        grid_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -104,16 +103,30 @@ class SPSAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.grid_size: tuple[int, int] | None = None
+        self.register_buffer("prior_offsets", None, persistent=False)
+        self.register_buffer("prior_index", None, persistent=False)
+        if grid_size is not None:
+            self.set_grid_size(grid_size)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"
+
+    def set_grid_size(self, grid_size: tuple[int, int]) -> None:
+        """Build the offset table of ``grid_size`` into non-persistent buffers (as timm's Swin builds its
+        relative position index)."""
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.prior_offsets, self.prior_index = offset_table(*self.grid_size, self.w1.weight.device)
 
     def spatial_prior(
         self, grid_size: tuple[int, int], offset_scale: tuple[float, float] = (1.0, 1.0)
     ) -> Tensor:
         """SP_h(dx, dy) for every head and (query, key) pair of the grid, (heads, n, n)."""
         height, width = grid_size
-        offsets, index = offset_table(height, width, self.w1.weight.device)
+        if (height, width) == self.grid_size:
+            offsets, index = self.prior_offsets, self.prior_index
+        else:
+            offsets, index = offset_table(height, width, self.w1.weight.device)
         offsets = offsets.to(self.w1.weight.dtype)
         if tuple(offset_scale) != (1.0, 1.0):
             offsets = offsets * offsets.new_tensor(offset_scale)
@@ -200,6 +213,7 @@ class SPViTBlock(nn.Module):
         drop_path: float = 0.0,
         act_layer: type[nn.Module] = nn.GELU,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        grid_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.skip_lam = skip_lam
@@ -208,7 +222,7 @@ class SPViTBlock(nn.Module):
         self.norm1 = norm_layer(dim)
         if spatial_prior:
             self.attn = SPSAttention(
-                dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop
+                dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, grid_size=grid_size
             )
         else:
             self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
@@ -359,6 +373,7 @@ class SPViT(nn.Module):
                 drop_path=dpr[i],
                 act_layer=act_layer,
                 norm_layer=norm_layer,
+                grid_size=self.patch_embed.grid_size,
             )
             for i in range(depth)
         )
