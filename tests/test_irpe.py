@@ -417,3 +417,16 @@ def test_official_checkpoint_loads_with_a_new_class_count_for_fine_tuning(tmp_pa
     loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), depth=1, num_classes=10)
     assert loaded.head.weight.shape == (10, 192)
     assert torch.equal(loaded.blocks[0].attn.rpe_k.lookup_table_weight, source.blocks[0].attn.rpe_k.lookup_table_weight)
+
+
+def test_other_grid_ids_are_reused_across_eager_calls_and_serve_training_after_inference_mode():
+    rpe = ImageRPE("product", "k", 2, 4, RPEConfig(), grid_size=(3, 3))
+    with torch.inference_mode():
+        first = rpe.bucket_ids(4, 5, torch.device("cpu"))
+    assert first.is_inference()
+    ids = rpe.bucket_ids(4, 5, torch.device("cpu"))
+    assert not ids.is_inference() and rpe.bucket_ids(4, 5, torch.device("cpu")) is ids
+    assert torch.equal(ids, bucket_ids("product", 4, 5, RPEConfig()))
+    per_bucket = torch.randn(1, 2, ids.shape[0], rpe.num_buckets, requires_grad=True)
+    rpe.pairs(per_bucket, 4, 5).sum().backward()  # the gather saves the ids for backward
+    assert per_bucket.grad is not None

@@ -257,6 +257,8 @@ class ImageRPE(nn.Module):
             self.lookup_table_weight = nn.Parameter(torch.zeros(table_heads, head_dim, self.num_buckets))
         self.grid_size: tuple[int, int] | None = None
         self.register_buffer("bucket_index", None, persistent=False)
+        self._other_grid_key: tuple | None = None
+        self._other_grid_ids: Tensor | None = None
         if grid_size is not None:
             self.set_grid_size(grid_size)
 
@@ -279,10 +281,20 @@ class ImageRPE(nn.Module):
         return (self,)
 
     def bucket_ids(self, height: int, width: int, device: torch.device) -> Tensor:
-        """The buffer for the built grid; for another grid (dynamic sizes), the ids computed anew."""
+        """The buffer for the built grid; for another grid (dynamic sizes), the ids computed anew.
+
+        Traced graphs (compile, export) compute them inside the graph; eager calls keep the last other
+        grid's ids, since one forward asks for them once per image and table.
+        """
         if (height, width) == self.grid_size:
             return self.bucket_index
-        return bucket_ids(self.method, height, width, self.config, device)
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return bucket_ids(self.method, height, width, self.config, device)
+        key = (height, width, torch.device(device), self.config, torch.is_inference_mode_enabled())
+        if self._other_grid_key != key:
+            self._other_grid_ids = bucket_ids(self.method, height, width, self.config, device)
+            self._other_grid_key = key
+        return self._other_grid_ids
 
     def pairs(self, per_bucket: Tensor, height: int, width: int) -> Tensor:
         """Per-row bucket values (..., n, K) spread over the pairs: out[..., i, j] = per_bucket[..., i, b(i, j)]."""
