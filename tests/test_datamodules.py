@@ -535,7 +535,7 @@ def test_constructor_arguments_are_cli_friendly(cls) -> None:
     config = parser.parse_object(
         {"data": {"root": "/data/x", "img_size": 384, "mean": [0.5, 0.5, 0.5], "val_split": 0.1, "interpolation": "bilinear"}}
     )
-    dm = parser.instantiate(config).data
+    dm = parser.instantiate_classes(config).data
     assert isinstance(dm, cls)
     assert dm.hparams["img_size"] == 384 and dm.hparams["mean"] == (0.5, 0.5, 0.5)
     common = {"root", "img_size", "batch_size", "num_workers", "pin_memory", "persistent_workers", "val_split", "seed",

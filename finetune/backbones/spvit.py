@@ -152,7 +152,7 @@ class SPSAttention(nn.Module):
         # A batch's n x n logits overflow CPU caches; image by image they stay cache-resident (about
         # twice as fast here, and no copies of q, k, v). Accelerators take the whole batch at once, and
         # so do compiled / exported graphs (splitting the batch would fix their batch size).
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
             images = zip(q.split(1), k.split(1), v.split(1), strict=True)
             out = torch.cat([self._attend(qc, kc, vc, prior) for qc, kc, vc in images])
         else:
