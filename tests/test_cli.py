@@ -50,7 +50,7 @@ def test_fit_writes_checkpoints_logs_config_and_confusion_matrix(fitted: Path):
         rows = list(csv.DictReader(f))
     top1 = [float(r["val/top1"]) for r in rows if r.get("val/top1")]
     assert len(top1) == 2 and all(0.0 <= v <= 1.0 for v in top1)
-    assert any(r.get("train/lr") for r in rows)
+    assert any(r.get("lr-AdamW/head") for r in rows)  # LearningRateMonitor, every parameter group
     assert not list(fitted.glob("checkpoints/.*.partial"))
 
 
