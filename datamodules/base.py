@@ -38,7 +38,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
     fraction (seeded by ``seed``) when ``val_split > 0``; ``val_dataset`` is that fraction, or the
     official test split when ``val_split == 0`` (what the papers report); ``test_dataset`` is always
     the official test split. ``mean``, ``std``, ``interpolation`` and ``crop_pct`` normally come
-    from the model's pretrained config. ``max_bad_images`` bounds the distinct unreadable image
+    from the model's pretrained config. ``auto_augment`` names a timm augmentation policy
+    (``rand-m9-mstd0.5-inc1``, ``augmix-m5-w4-d2``, ``trivialaugment``, ...; ``None`` = colour jitter
+    instead, see ``datamodules.transforms``). ``max_bad_images`` bounds the distinct unreadable image
     files tolerated in the whole run (each is logged and replaced by an image of the same class).
 
     ``eval_transform`` (RGB ``uint8`` HWC array -> normalized CxHxW tensor) is available right after
@@ -65,7 +67,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         train_crop_scale: tuple[float, float] = (0.08, 1.0),
         hflip: float = 0.5,
         color_jitter: float = 0.4,
-        auto_augment: bool = True,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
         re_prob: float = 0.25,
         max_bad_images: int = 10,
     ) -> None:
