@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from .dataset import BadImageRegistry, ImageListDataset, OnDiskDataset, stratified_split
+from .machine import default_num_workers
 from .transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -38,7 +39,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
     fraction (seeded by ``seed``) when ``val_split > 0``; ``val_dataset`` is that fraction, or the
     official test split when ``val_split == 0`` (what the papers report); ``test_dataset`` is always
     the official test split. ``mean``, ``std``, ``interpolation`` and ``crop_pct`` normally come
-    from the model's pretrained config. ``auto_augment`` names a timm augmentation policy
+    from the model's pretrained config. ``num_workers=None`` (the default) takes the cores this
+    process's share of the machine has left, see ``num_workers``. ``auto_augment`` names a timm augmentation policy
     (``rand-m9-mstd0.5-inc1``, ``augmix-m5-w4-d2``, ``trivialaugment``, ...; ``None`` = colour jitter
     instead, see ``datamodules.transforms``). ``max_bad_images`` bounds the distinct unreadable image
     files tolerated in the whole run (each is logged and replaced by an image of the same class).
@@ -55,7 +57,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         root: str,
         img_size: int = 224,
         batch_size: int = 32,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_split: float = 0.0,
@@ -75,7 +77,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected a positive integer")
-        if num_workers < 0:
+        if num_workers is not None and num_workers < 0:
             raise ValueError(f"num_workers={num_workers}: expected a non-negative integer")
         if not 0 <= val_split < 1:
             raise ValueError(f"val_split={val_split}: expected a fraction in [0, 1)")
@@ -83,7 +85,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             raise ValueError(f"max_bad_images={max_bad_images}: expected a non-negative integer")
         self.root = Path(os.path.expanduser(root))
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.workers_setting = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.val_split = val_split
@@ -98,6 +100,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.test_dataset: ImageListDataset | None = None
         self._class_names: list[str] | None = None
         self._bad_images: BadImageRegistry | None = None
+
+    @property
+    def num_workers(self) -> int:
+        """DataLoader workers: as given, else chosen for the training processes on this machine
+        (``datamodules.machine.default_num_workers``)."""
+        if self.workers_setting is not None:
+            return self.workers_setting
+        return default_num_workers(self.trainer.num_devices if self.trainer is not None else 1)
 
     # -- what subclasses adapt ---------------------------------------------------------------
 

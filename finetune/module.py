@@ -58,6 +58,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 import finetune  # noqa: F401  (registers the iRPE / SP-ViT backbones with timm)
+from datamodules.machine import CpuThreads
 from finetune.optim import build_schedule, global_batch_size, loader_batch_size, plan_param_groups
 from finetune.resize import resolution_args
 
@@ -392,8 +393,11 @@ class ImageClassifier(L.LightningModule):
             super().lr_scheduler_step(scheduler, metric)
 
     def configure_callbacks(self) -> list[Callback]:
-        # the lr of every parameter group, per optimizer step, in the run's loggers
-        return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
+        # CPU threads from the machine unless chosen; the lr of every parameter group, per optimizer step
+        callbacks: list[Callback] = [CpuThreads()]
+        if self.trainer.loggers:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return callbacks
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -13,47 +13,21 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
-from conftest import StopAfterEpochs
+from conftest import TINY, ImageTensors, StopAfterEpochs, tiny_classifier
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from timm.optim import param_groups_layer_decay
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.backbones.checkpoint import CheckpointMismatchError
 from finetune.module import FinetuneConfigError, ImageClassifier
 from finetune.optim import no_weight_decay_names
 
-TINY = dict(depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8)
 SPVIT_TINY = dict(depth=2, sp_layers=1, embed_dim=64, num_heads=2, img_size=32)
-
-
-def tiny_classifier(**kwargs) -> ImageClassifier:
-    args = dict(model_name="irpe_deit_tiny_patch16_224", model_kwargs=TINY, num_classes=4, warmup_epochs=0)
-    return ImageClassifier(**{**args, **kwargs})
 
 
 def lr_and_decay_by_param(groups: list[dict]) -> dict[str, tuple[float, float]]:
     return {name: (g["lr"], g["weight_decay"]) for g in groups for name in g["param_names"]}
-
-
-class ImageTensors(L.LightningDataModule):
-    """A few random images with fixed labels, exposing num_classes / class_names as datamodules do."""
-
-    def __init__(self, n: int = 12, num_classes: int = 4, batch_size: int = 5) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, 32, 32, generator=generator)
-        self.y = torch.arange(n) % num_classes
-        self.num_classes = num_classes
-        self.class_names = [f"class_{i}" for i in range(num_classes)]
-        self.batch_size = batch_size
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
 
 
 def fit(model: ImageClassifier, tmp_path: Path, epochs: int, **trainer_kwargs) -> L.Trainer:
