@@ -32,8 +32,9 @@ import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import auto_augment as timm_aa
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import TrivialAugmentWide
@@ -147,15 +148,36 @@ def augment_policy(
     params["interpolation"] = str_to_pil_interp(interpolation)
     try:
         if name.startswith("rand"):
-            return rand_augment_transform(name, params)
-        if name.startswith("augmix"):
-            return augment_and_mix_transform(name, {**params, "translate_pct": 0.3})
-        return auto_augment_transform(name, params)
+            policy = rand_augment_transform(name, params)
+            ops = policy.ops
+        elif name.startswith("augmix"):
+            policy = augment_and_mix_transform(name, {**params, "translate_pct": 0.3})
+            ops = policy.ops
+        else:
+            policy = auto_augment_transform(name, params)
+            ops = [op for sub_policy in policy.policy for op in sub_policy]
     except (AssertionError, ValueError, KeyError, IndexError) as err:
         raise ValueError(
             f"auto_augment={name!r}: not a timm augmentation string ({err or 'unknown policy'}); expected e.g. "
             "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, trivialaugment, original, v0 or null"
         ) from None
+    for op in ops:
+        if op.aug_fn is timm_aa.posterize:
+            op.aug_fn = _posterize
+    return policy
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, with 0 bits giving a black image as in Pillow < 11.
+
+    timm's Posterize levels reach 0 bits (``Posterize`` at magnitude 0, ``PosterizeIncreasing`` at 10,
+    which DeiT's ``mstd0.5`` noise reaches), which current Pillow rejects with an error.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 class PolicyAugment(A.ImageOnlyTransform):

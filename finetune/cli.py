@@ -187,6 +187,8 @@ class FinetuneCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.dirpath is None:  # the run folder's checkpoints/, whatever loggers the run has (or none)
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
@@ -194,15 +196,31 @@ class FinetuneCheckpoint(ModelCheckpoint):
 
 # --------------------------------------------------------------------------- run summary
 class RunSummary(Callback):
-    """Prints the datamodule's banner (if any) and, at the end of fit, a rich table of the run."""
+    """Prints the datamodule's banner (if any) and, after fit, a rich table of the run.
+
+    The table is printed at teardown, after the progress bar has stopped (so it is not redrawn
+    below the table); training speed is in images/s over the training batches of this process.
+    """
 
     def __init__(self) -> None:
         self.start = 0.0
+        self.images = 0
+        self.train_seconds = 0.0
+        self.batch_start = 0.0
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.start = time.perf_counter()
         if trainer.is_global_zero:
             self._notes(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.batch_start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.train_seconds += time.perf_counter() - self.batch_start
+        self.images += len(batch[0])
 
     @staticmethod
     def _notes(trainer: Trainer, pl_module: LightningModule) -> None:
@@ -213,7 +231,9 @@ class RunSummary(Callback):
         if pl_module.hparams.get("pretrained") is False:
             console.print("[bold yellow]The model trains from random weights (model.pretrained: false).[/]")
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or trainer.interrupted:
+            return
         log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must take part
         if not trainer.is_global_zero:
             return
@@ -225,11 +245,14 @@ class RunSummary(Callback):
         table.add_row("model", str(pl_module.hparams.get("model_name")))
         table.add_row("best val top-1", f"{100 * best['top1']:.2f}%" if best else "n/a")
         table.add_row("best val top-5", f"{100 * best['top5']:.2f}%" if best else "n/a")
+        table.add_row("best val mean-class acc.", f"{100 * best['mean_class_acc']:.2f}%" if best else "n/a")
         table.add_row("best epoch", str(best.get("epoch", "n/a")))
         table.add_row("best checkpoint", getattr(ckpt, "best_model_path", "") or "n/a")
         table.add_row("last checkpoint", getattr(ckpt, "last_model_path", "") or "n/a")
         table.add_row("log dir", str(log_dir))
         table.add_row("wall time", f"{time.perf_counter() - self.start:.1f} s")
+        if self.train_seconds > 0:
+            table.add_row("training speed", f"{self.images / self.train_seconds:.1f} images/s (this process)")
         _console().print(table)
         self._notes(trainer, pl_module)
 
@@ -380,8 +403,10 @@ class FinetuneCLI(LightningCLI):
         if repo_id:
             callbacks.append(PushToHubCallback(repo_id))
         self.trainer_defaults["callbacks"] = callbacks
+        run_dir = self._get(self.config_init, "run_dir")
+        if trainer_config.get("default_root_dir") is None:  # without our loggers too: checkpoints/ in run_dir
+            kwargs["default_root_dir"] = run_dir
         if trainer_config.get("logger") in (None, True):
-            run_dir = self._get(self.config_init, "run_dir")
             kwargs["logger"] = [
                 CSVLogger(save_dir=run_dir, name="", version=""),
                 TensorBoardLogger(save_dir=run_dir, name="", version=""),

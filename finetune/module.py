@@ -155,6 +155,8 @@ class ImageClassifier(L.LightningModule):
         self.data_config = _data_config(self.model, model_kwargs or {})
         if eval_crop_pct is not None:
             self.data_config["crop_pct"] = float(eval_crop_pct)
+        # one image: Lightning's model summary then reports FLOPs and input/output shapes
+        self.example_input_array = torch.zeros(1, *self.data_config["input_size"])
         self.num_classes: int | None = None
         self.class_names: list[str] | None = None
         self.ema: ModelEmaV3 | None = None
@@ -198,6 +200,10 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.ema:
             self.ema = ModelEmaV3(self.model, decay=self.hparams.ema_decay, use_warmup=True)
             self.ema.requires_grad_(False)
+            # timm puts the copy in eval mode; it only runs in validation/test/predict, where Lightning sets
+            # eval mode on the whole module, so train mode here is equivalent and spares Lightning's
+            # "modules in eval mode at the start of training" warning
+            self.ema.train()
         h = self.hparams
         if h.mixup > 0 or h.cutmix > 0:
             self.mixup_fn = Mixup(

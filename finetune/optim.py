@@ -149,7 +149,9 @@ def build_schedule(
         group["initial_lr"] = lr
     return CosineLRScheduler(
         optimizer,
-        t_initial=max(1, total_steps - warmup_steps),
+        # the cosine spans the steps after the warmup; t_initial 1 would trigger timm's "no effect" warning
+        # and gives the same (peak) lr as 2 on a single step
+        t_initial=max(2, total_steps - warmup_steps),
         lr_min=min_lr,
         warmup_t=warmup_steps,
         warmup_lr_init=warmup_lr,

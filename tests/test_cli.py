@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,28 @@ def test_fit_writes_checkpoints_logs_config_and_confusion_matrix(fitted: Path):
     assert len(top1) == 2 and all(0.0 <= v <= 1.0 for v in top1)
     assert any(r.get("lr-AdamW/head") for r in rows)  # LearningRateMonitor, every parameter group
     assert not list(fitted.glob("checkpoints/.*.partial"))
+
+
+def test_a_fit_without_our_loggers_keeps_run_dir_prints_a_full_summary_and_no_avoidable_warning(
+    synthetic_cub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+):
+    run_dir = tmp_path / "quiet"
+    args = [*tiny_fit_args(synthetic_cub, run_dir, epochs=1), "--trainer.logger", "false", "--model.ema", "true"]
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        assert main(["fit", *args]) == 0
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()  # --run_dir holds without the default loggers
+    # deprecations raised inside the libraries (Lightning calling torch) are not the project's to avoid
+    library_deprecation = (DeprecationWarning, FutureWarning)
+    avoidable = [
+        f"{w.category.__name__}: {w.message} ({w.filename})"
+        for w in caught
+        if not (issubclass(w.category, library_deprecation) and "site-packages" in w.filename)
+    ]
+    assert avoidable == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    out = capsys.readouterr().out
+    assert "best val mean-class acc." in out and "images/s" in out
 
 
 def test_checkpoint_carries_the_hub_record(fitted: Path):

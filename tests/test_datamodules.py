@@ -601,3 +601,11 @@ def test_policy_augment_is_reseeded_per_worker() -> None:
 def test_unknown_auto_augment_is_one_clear_error(bad) -> None:
     with pytest.raises(ValueError, match="auto_augment=.*expected"):
         build_train_transform(32, auto_augment=bad)
+
+
+def test_posterize_at_zero_bits_gives_black_as_timm_meant() -> None:
+    policy = augment_policy("rand-m10-mstd0-inc1", 32, IMAGENET_DEFAULT_MEAN, "bicubic")
+    op = next(op for op in policy.ops if op.name == "PosterizeIncreasing")
+    op.prob = 1.0  # magnitude 10: 4 - 4 = 0 bits kept, which Pillow >= 11 refuses
+    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    assert not np.asarray(op(image)).any()
