@@ -50,7 +50,6 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from timm.data import Mixup, resolve_model_data_config
 from timm.layers import to_2tuple
-from timm.loss import SoftTargetCrossEntropy
 from timm.scheduler.scheduler import Scheduler as TimmScheduler
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
@@ -97,6 +96,10 @@ class ImageClassifier(L.LightningModule):
         warmup_lr: the warmup starts from this lr (times each group's scale).
         min_lr: the cosine schedule ends at this lr (times each group's scale), as in timm.
         label_smoothing: label smoothing of the cross entropy (also applied to Mixup targets).
+        class_weighting: ``balanced`` weights the training loss of class ``c`` by
+            ``images / (classes * images of c)`` (from the datamodule's ``class_counts()``, for
+            imbalanced data); ``none`` = unweighted. A class-balanced sampler is the datamodule's
+            ``sampler: class_balanced``.
         mixup, cutmix: Mixup / CutMix alphas; either > 0 enables timm's ``Mixup``.
         ema: keep an exponential moving average of the weights; validation and test then use it.
         compile: ``torch.compile`` the model (in place, so checkpoint keys do not change).
@@ -127,6 +130,7 @@ class ImageClassifier(L.LightningModule):
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-6,
         label_smoothing: float = 0.1,
+        class_weighting: Literal["none", "balanced"] = "none",
         mixup: float = 0.0,
         cutmix: float = 0.0,
         mixup_prob: float = 1.0,
@@ -165,6 +169,7 @@ class ImageClassifier(L.LightningModule):
         self.best_metrics: dict[str, Any] | None = None
         self.last_test_metrics: dict[str, Any] | None = None
         self.per_class_accuracy: dict[str, float] = {}
+        self.loss_weights: Tensor | None = None  # per class, with class_weighting balanced (set in setup)
         self.param_plan: list[dict[str, Any]] = []  # see finetune.optim.plan_param_groups
         self.schedule_sizing: tuple[float, int, int] | None = None  # (lr, warmup steps, total steps) in use
         self.configured_lr: float | None = None  # model.lr when the schedule was sized
@@ -230,6 +235,8 @@ class ImageClassifier(L.LightningModule):
                 "the number of classes is unknown: the datamodule exposes no num_classes after setup; "
                 "set model.num_classes"
             )
+        if stage == "fit" and self.hparams.class_weighting == "balanced":
+            self.loss_weights = _balanced_class_weights(datamodule)
         if self.hparams.compile and self.num_classes is not None:
             self.model.compile()
 
@@ -424,12 +431,17 @@ class ImageClassifier(L.LightningModule):
         if self.mixup_fn is not None:
             if len(x) % 2:  # timm's batch Mixup pairs a batch with its reverse: needs an even size
                 x, y = x[:-1], y[:-1]
-            x, soft = self.mixup_fn(x, y)
-            loss = SoftTargetCrossEntropy()(self(x), soft)
+            x, soft = self.mixup_fn(x, y)  # smoothed, mixed class probabilities
+            loss = F.cross_entropy(self(x), soft, weight=self._loss_weights())
         else:
-            loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+            loss = F.cross_entropy(
+                self(x), y, weight=self._loss_weights(), label_smoothing=self.hparams.label_smoothing
+            )
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
+
+    def _loss_weights(self) -> Tensor | None:
+        return None if self.loss_weights is None else self.loss_weights.to(self.device)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
         x, y = batch
@@ -577,6 +589,18 @@ def _make_metrics(num_classes: int, top_k: int) -> MetricCollection:
         },
         compute_groups=False,
     )
+
+
+def _balanced_class_weights(datamodule: Any) -> Tensor:
+    """``images / (classes * images of c)`` per class c (0 for a class without training images)."""
+    if not hasattr(datamodule, "class_counts"):
+        raise FinetuneConfigError(
+            f"model.class_weighting balanced needs class counts, which {type(datamodule).__name__} does not "
+            "give (no class_counts()); use class_weighting none"
+        )
+    counts = torch.tensor(datamodule.class_counts(), dtype=torch.float32)
+    weights = counts.sum() / (len(counts) * counts.clamp(min=1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights))
 
 
 def _create_model(model_name: str, pretrained: bool | str, model_kwargs: dict[str, Any]) -> nn.Module:

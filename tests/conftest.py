@@ -28,11 +28,13 @@ def tiny_classifier(**kwargs) -> ImageClassifier:
 class ImageTensors(L.LightningDataModule):
     """A few random images with fixed labels, exposing num_classes / class_names as datamodules do."""
 
-    def __init__(self, n: int = 12, num_classes: int = 4, batch_size: int = 5) -> None:
+    def __init__(
+        self, n: int = 12, num_classes: int = 4, batch_size: int = 5, labels: list[int] | None = None
+    ) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, 3, 32, 32, generator=generator)
-        self.y = torch.arange(n) % num_classes
+        self.y = torch.tensor(labels) if labels is not None else torch.arange(n) % num_classes
         self.num_classes = num_classes
         self.class_names = [f"class_{i}" for i in range(num_classes)]
         self.batch_size = batch_size
@@ -42,6 +44,9 @@ class ImageTensors(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.y, minlength=self.num_classes).tolist()
 
 
 @pytest.fixture(scope="session")
