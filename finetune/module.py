@@ -58,6 +58,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 import finetune  # noqa: F401  (registers the iRPE / SP-ViT backbones with timm)
 from datamodules.machine import CpuThreads
+from finetune.distillation import DistillationKind, distillation_loss
 from finetune.optim import build_schedule, global_batch_size, loader_batch_size, plan_param_groups
 from finetune.resize import resolution_args
 
@@ -101,6 +102,13 @@ class ImageClassifier(L.LightningModule):
             imbalanced data); ``none`` = unweighted. A class-balanced sampler is the datamodule's
             ``sampler: class_balanced``.
         mixup, cutmix: Mixup / CutMix alphas; either > 0 enables timm's ``Mixup``.
+        teacher: distil from this teacher (see ``finetune.distillation``): a checkpoint of this toolkit
+            (``.ckpt``; its EMA weights when it has them) or a timm model name / ``hf-hub:`` id created
+            with ``pretrained=True`` and this run's ``num_classes`` (``teacher_kwargs`` override, e.g.
+            ``pretrained_cfg_overlay: {file: PATH}``). It runs in eval mode, is never trained and is not
+            saved in this model's checkpoints. ``None`` = no distillation.
+        distillation: ``soft`` (KL at temperature ``distillation_tau``) or ``hard`` (teacher's top class).
+        distillation_alpha: weight of the distillation term; the classification loss gets ``1 - alpha``.
         ema: keep an exponential moving average of the weights; validation and test then use it.
         compile: ``torch.compile`` the model (in place, so checkpoint keys do not change).
         channels_last: convert model and inputs to channels-last (helps convnets on GPU).
@@ -135,6 +143,11 @@ class ImageClassifier(L.LightningModule):
         cutmix: float = 0.0,
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
+        teacher: str | None = None,
+        teacher_kwargs: dict[str, Any] | None = None,
+        distillation: DistillationKind = "soft",
+        distillation_alpha: float = 0.5,
+        distillation_tau: float = 1.0,
         ema: bool = False,
         ema_decay: float = 0.9998,
         compile: bool = False,
@@ -148,6 +161,14 @@ class ImageClassifier(L.LightningModule):
             raise FinetuneConfigError(
                 f"finetune_strategy freeze_then_unfreeze needs unfreeze_epoch >= 1 (got {unfreeze_epoch}); "
                 "set model.unfreeze_epoch or use finetune_strategy full"
+            )
+        if not 0.0 <= distillation_alpha <= 1.0:
+            raise FinetuneConfigError(
+                f"model.distillation_alpha={distillation_alpha!r}: expected a value in [0, 1]"
+            )
+        if distillation_tau <= 0:
+            raise FinetuneConfigError(
+                f"model.distillation_tau={distillation_tau!r}: expected a positive temperature"
             )
         if base_batch_size is not None and base_batch_size < 1:
             raise FinetuneConfigError(
@@ -169,6 +190,7 @@ class ImageClassifier(L.LightningModule):
         self.best_metrics: dict[str, Any] | None = None
         self.last_test_metrics: dict[str, Any] | None = None
         self.per_class_accuracy: dict[str, float] = {}
+        self.teacher_nets: tuple[nn.Module, ...] = ()  # a tuple, so the teacher is no submodule (not saved)
         self.loss_weights: Tensor | None = None  # per class, with class_weighting balanced (set in setup)
         self.param_plan: list[dict[str, Any]] = []  # see finetune.optim.plan_param_groups
         self.schedule_sizing: tuple[float, int, int] | None = None  # (lr, warmup steps, total steps) in use
@@ -219,6 +241,12 @@ class ImageClassifier(L.LightningModule):
                 label_smoothing=h.label_smoothing,
                 num_classes=num_classes,
             )
+        if h.teacher is not None:
+            self.teacher_nets = (self._create_teacher(num_classes),)
+            if hasattr(
+                self.model, "set_distilled_training"
+            ):  # DeiT's distillation token trains on the teacher
+                self.model.set_distilled_training(True)
         top_k = min(5, num_classes)
         self.metrics = nn.ModuleDict({split: _make_metrics(num_classes, top_k) for split in ("val", "test")})
         if self.hparams.finetune_strategy == "linear_probe":
@@ -256,6 +284,8 @@ class ImageClassifier(L.LightningModule):
                 "model.ema under FSDP is not supported (the EMA copy would not be sharded like the model); "
                 "set model.ema false or use --trainer.strategy ddp"
             )
+        for teacher in self.teacher_nets:
+            teacher.to(self.device).eval()
         # Tuners (BatchSizeFinder, LearningRateFinder) run in the callbacks' on_fit_start, before this
         # hook: size the schedule for the batch and the lr they left.
         self._adopt_found_lr()
@@ -432,13 +462,47 @@ class ImageClassifier(L.LightningModule):
             if len(x) % 2:  # timm's batch Mixup pairs a batch with its reverse: needs an even size
                 x, y = x[:-1], y[:-1]
             x, soft = self.mixup_fn(x, y)  # smoothed, mixed class probabilities
-            loss = F.cross_entropy(self(x), soft, weight=self._loss_weights())
+            outputs = self(x)
+            logits, distilled = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+            loss = F.cross_entropy(logits, soft, weight=self._loss_weights())
         else:
+            outputs = self(x)
+            logits, distilled = outputs if isinstance(outputs, tuple) else (outputs, outputs)
             loss = F.cross_entropy(
-                self(x), y, weight=self._loss_weights(), label_smoothing=self.hparams.label_smoothing
+                logits, y, weight=self._loss_weights(), label_smoothing=self.hparams.label_smoothing
             )
+        if self.teacher_nets:
+            h = self.hparams
+            with torch.no_grad():
+                teacher_logits = self.teacher_nets[0](x)
+            distill = distillation_loss(distilled, teacher_logits, h.distillation, h.distillation_tau)
+            self.log("train/distillation_loss", distill, on_step=True, on_epoch=True, sync_dist=True)
+            loss = (1 - h.distillation_alpha) * loss + h.distillation_alpha * distill
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
+
+    def _create_teacher(self, num_classes: int) -> nn.Module:
+        h = self.hparams
+        if h.teacher.endswith(".ckpt"):
+            if not Path(h.teacher).expanduser().is_file():
+                raise FinetuneConfigError(
+                    f"model.teacher {h.teacher!r} does not exist; give a checkpoint file"
+                )
+            classifier = ImageClassifier.load_from_checkpoint(
+                Path(h.teacher).expanduser(), map_location="cpu"
+            )
+            teacher = classifier._eval_net()
+        else:
+            kwargs = {"pretrained": True, "num_classes": num_classes, **(h.teacher_kwargs or {})}
+            teacher = _create_model(h.teacher, kwargs.pop("pretrained"), kwargs)
+        head = teacher.get_classifier() if hasattr(teacher, "get_classifier") else None
+        classes = getattr(teacher, "num_classes", getattr(head, "out_features", num_classes))
+        if classes != num_classes:
+            raise FinetuneConfigError(
+                f"the teacher {h.teacher!r} predicts {classes} classes but the data has {num_classes}; "
+                "give a teacher trained on this dataset"
+            )
+        return teacher.requires_grad_(False).eval()
 
     def _loss_weights(self) -> Tensor | None:
         return None if self.loss_weights is None else self.loss_weights.to(self.device)
