@@ -21,7 +21,6 @@ Wiring decisions:
 
 from __future__ import annotations
 
-import csv
 import importlib
 import os
 import sys
@@ -32,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from jsonargparse import ArgumentError
 from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -47,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from .backbones.checkpoint import CheckpointMismatchError
 from .hub import ExportError, HubError, PushToHubCallback
 from .module import FinetuneConfigError, ImageClassifier
+from .predict import PredictionWriter
 
 __all__ = ["main", "FinetuneCLI", "EXTRA_COMMANDS", "RECIPES_DIR", "UsageError", "resolve_recipe"]
 
@@ -309,60 +308,6 @@ class ImagePathsDataModule(LightningDataModule):
         return DataLoader(
             self.dataset, batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False
         )
-
-
-class PredictionWriter(BasePredictionWriter):
-    """``predict`` settings and output: top-5 class names and scores per image, as a CSV.
-
-    Args:
-        inputs: image files or folders to classify (``predict`` only).
-        output: the CSV file to write (one row per image: path, then class and score for each rank).
-    """
-
-    def __init__(self, inputs: list[str] | None = None, output: str = "predictions.csv") -> None:
-        super().__init__(write_interval="batch")
-        self.inputs = inputs
-        self.output = output
-        self.rows: list[list[Any]] = []
-
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: dict[str, torch.Tensor],
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        dataset: ImagePaths = trainer.predict_dataloaders.dataset
-        names = pl_module.class_names
-        for index, classes, scores in zip(
-            batch[1].tolist(), prediction["indices"].tolist(), prediction["scores"].tolist(), strict=True
-        ):
-            row: list[Any] = [str(dataset.paths[index])]
-            for c, s in zip(classes, scores, strict=True):
-                row += [names[c], f"{s:.6f}"]
-            self.rows.append(row)
-
-    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        rows = self.rows
-        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            gathered: list[Any] = [None] * trainer.world_size
-            dist.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
-        if trainer.is_global_zero:
-            unique = {row[0]: row for row in rows}  # DistributedSampler pads with repeats
-            k = (len(rows[0]) - 1) // 2 if rows else 0
-            header = ["path"] + [f"{kind}{r}" for r in range(1, k + 1) for kind in ("class", "score")]
-            out = Path(self.output).expanduser()
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with open(out, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(header)
-                writer.writerows(unique[path] for path in sorted(unique))
-            _console().print(f"wrote {len(unique)} predictions to {out}")
-        self.rows = []
 
 
 # --------------------------------------------------------------------------- the CLI

@@ -109,6 +109,8 @@ class ImageClassifier(L.LightningModule):
             saved in this model's checkpoints. ``None`` = no distillation.
         distillation: ``soft`` (KL at temperature ``distillation_tau``) or ``hard`` (teacher's top class).
         distillation_alpha: weight of the distillation term; the classification loss gets ``1 - alpha``.
+        tta: test-time augmentation for ``test`` and ``predict``: ``flip`` averages the logits (and
+            embeddings) of each image and its mirror image; ``none`` = the image alone.
         ema: keep an exponential moving average of the weights; validation and test then use it.
         compile: ``torch.compile`` the model (in place, so checkpoint keys do not change).
         channels_last: convert model and inputs to channels-last (helps convnets on GPU).
@@ -148,6 +150,7 @@ class ImageClassifier(L.LightningModule):
         distillation: DistillationKind = "soft",
         distillation_alpha: float = 0.5,
         distillation_tau: float = 1.0,
+        tta: Literal["none", "flip"] = "none",
         ema: bool = False,
         ema_decay: float = 0.9998,
         compile: bool = False,
@@ -191,6 +194,7 @@ class ImageClassifier(L.LightningModule):
         self.last_test_metrics: dict[str, Any] | None = None
         self.per_class_accuracy: dict[str, float] = {}
         self.teacher_nets: tuple[nn.Module, ...] = ()  # a tuple, so the teacher is no submodule (not saved)
+        self.predict_embeddings = False  # predict_step also returns pre-logits embeddings (set by the writer)
         self.loss_weights: Tensor | None = None  # per class, with class_weighting balanced (set in setup)
         self.param_plan: list[dict[str, Any]] = []  # see finetune.optim.plan_param_groups
         self.schedule_sizing: tuple[float, int, int] | None = None  # (lr, warmup steps, total steps) in use
@@ -507,11 +511,25 @@ class ImageClassifier(L.LightningModule):
     def _loss_weights(self) -> Tensor | None:
         return None if self.loss_weights is None else self.loss_weights.to(self.device)
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
-        x, y = batch
+    def _eval_outputs(self, x: Tensor, tta: bool, embeddings: bool) -> tuple[Tensor, Tensor | None]:
+        """Logits (and pre-logits embeddings) of the evaluation net, averaged over the TTA views."""
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self._eval_net()(x)
+        net = self._eval_net()
+        views = [x, x.flip(-1)] if tta and self.hparams.tta == "flip" else [x]
+        logits, embeds = [], []
+        for view in views:
+            if embeddings:
+                features = net.forward_features(view)
+                logits.append(net.forward_head(features))
+                embeds.append(net.forward_head(features, pre_logits=True))
+            else:
+                logits.append(net(view))  # forward itself: what model.compile compiled
+        return torch.stack(logits).mean(0), torch.stack(embeds).mean(0) if embeddings else None
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
+        x, y = batch
+        logits, _ = self._eval_outputs(x, tta=split == "test", embeddings=False)
         self.log(f"{split}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
         self.metrics[split].update(logits, y)
 
@@ -522,13 +540,14 @@ class ImageClassifier(L.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """Top-k class indices and probabilities (k = min(5, num_classes)) of a batch ``(images, ...)``."""
+        """``logits`` of a batch ``(images, ...)`` in float32, and ``embeddings`` when
+        ``predict_embeddings`` is set (see ``finetune.predict``)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        probs = self._eval_net()(x).float().softmax(dim=-1)
-        scores, indices = probs.topk(min(5, probs.shape[-1]), dim=-1)
-        return {"indices": indices, "scores": scores}
+        logits, embeddings = self._eval_outputs(x, tta=True, embeddings=self.predict_embeddings)
+        outputs = {"logits": logits.float()}
+        if embeddings is not None:
+            outputs["embeddings"] = embeddings.float()
+        return outputs
 
     def _eval_epoch_end(self, split: str) -> None:
         if self.trainer.sanity_checking:  # a couple of batches: nothing worth reporting

@@ -13,6 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import TINY_MODEL, tiny_fit_args
@@ -197,6 +198,54 @@ def test_predict_writes_top5_names_and_scores(fitted: Path, synthetic_cub: Path,
 
 
 # ----------------------------------------------------------------------------- recipes
+@pytest.mark.parametrize("suffix", [".json", ".parquet", ".csv"])
+def test_predict_top_k_logits_embeddings_and_flip_tta_in_each_format(
+    fitted: Path, synthetic_cub: Path, tmp_path: Path, suffix: str
+):
+    out = tmp_path / f"preds{suffix}"
+    images = synthetic_cub / "CUB_200_2011" / "images" / "003.Red_headed_Three_Pillared_Long_tailed"
+    code = main(
+        [
+            "predict",
+            *tiny_fit_args(synthetic_cub, tmp_path / "p"),
+            "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt"),
+            "--model.tta", "flip",
+            "--prediction.inputs", f"[{images}]",
+            "--prediction.output", str(out),
+            "--prediction.top_k", "2",
+            "--prediction.logits", "true",
+            "--prediction.embeddings", "true",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    if suffix == ".json":
+        records = json.loads(out.read_text())
+    elif suffix == ".parquet":
+        records = pq.read_table(out).to_pylist()
+    else:
+        with open(out) as f:
+            rows = list(csv.reader(f))
+        header, rows = rows[0], rows[1:]
+        assert header[:5] == ["path", "class1", "score1", "class2", "score2"]
+        assert header[5] == "logit_0" and header[15] == "embedding_0" and len(header) == 5 + 10 + 64
+        records = [{"path": r[0], "scores": [float(r[2]), float(r[4])], "logits": [float(v) for v in r[5:15]]}
+                   for r in rows]
+    assert [r["path"] for r in records] == sorted(str(p) for p in images.glob("*.jpg"))
+    for record in records:
+        assert len(record["scores"]) == 2 and record["scores"][0] >= record["scores"][1]
+        logits = torch.tensor(record["logits"])
+        assert len(logits) == 10
+        assert record["scores"][0] == pytest.approx(float(logits.softmax(-1).max()), abs=1e-5)
+        if suffix != ".csv":
+            assert len(record["classes"]) == 2 and len(record["embedding"]) == 64
+
+
+def test_predict_rejects_an_unknown_output_format(synthetic_cub: Path, tmp_path: Path, capsys):
+    args = ["predict", *tiny_fit_args(synthetic_cub, tmp_path), "--prediction.output", str(tmp_path / "p.txt")]
+    assert main(args) == 2
+    assert "expected a file ending in .csv, .json, .parquet" in one_line_error(capsys)
+
+
 @pytest.mark.parametrize("name", available_recipes())
 def test_every_recipe_parses(name: str, capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit) as exit_info:

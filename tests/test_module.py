@@ -387,3 +387,15 @@ def test_num_classes_mismatch_with_the_data_is_one_clear_error(tmp_path):
 def test_freeze_then_unfreeze_needs_an_unfreeze_epoch():
     with pytest.raises(FinetuneConfigError, match="unfreeze_epoch >= 1"):
         tiny_classifier(finetune_strategy="freeze_then_unfreeze")
+
+
+def test_flip_tta_averages_the_image_and_its_mirror_for_test_and_predict():
+    model = tiny_classifier(tta="flip").eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = (model.model(x) + model.model(x.flip(-1))) / 2
+        logits, _ = model._eval_outputs(x, tta=True, embeddings=False)
+        torch.testing.assert_close(logits, expected)
+        torch.testing.assert_close(model.predict_step((x,), 0)["logits"], expected)
+        plain, _ = model._eval_outputs(x, tta=False, embeddings=False)  # validation: no TTA
+        torch.testing.assert_close(plain, model.model(x))
