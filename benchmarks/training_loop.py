@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                 "cli / plain": statistics.median(speeds["cli"]) / statistics.median(speeds["plain"]),
             })
     notes = (f"Demo recipe, {args.epochs} epochs, {args.rounds} interleaved rounds per candidate, batches from "
-             f"the {args.skip + 1}th of each epoch timed; {available_cpus()} CPU cores available. "
+             f"number {args.skip + 1} of each epoch on timed; {available_cpus()} CPU cores available. "
              "Target (issue 15): cli / plain >= 0.97 with the defaults.")
     write_results("training_loop", rows, notes=notes)
 
