@@ -67,6 +67,8 @@ BENCHMARKS = [
               ["--workers", "0", "1", "--seconds", "0.5", "--num-images", "8", "--batch-size", "4"],
               out_flag="--out"),
     Benchmark("resolution", "benchmarks.resolution", "resolution", [], ["--quick"]),
+    Benchmark("training_loop", "benchmarks.training_loop", "training_loop", [],
+              ["--rounds", "1", "--epochs", "1", "--settings", "defaults"]),
 ]
 GROUPS = {"backbones": ["irpe", "spvit"]}
 

@@ -56,7 +56,7 @@ def _datamodule(root: Path, img_size: int, workers: int) -> SyntheticCUBDataModu
     return SyntheticCUBDataModule(
         root=str(root), image_size=64, img_size=img_size, batch_size=32, num_workers=workers,
         persistent_workers=workers > 0, pin_memory=False, train_crop_scale=(0.7, 1.0), hflip=0.5,
-        color_jitter=0.0, auto_augment=False, re_prob=0.0,
+        color_jitter=0.0, auto_augment=None, re_prob=0.0,
     )
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from .dataset import BadImageRegistry, ImageListDataset, OnDiskDataset, stratified_split
+from .machine import default_num_workers
+from .samplers import RepeatedAugmentationSampler, class_balanced_sampler, class_counts
 from .transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -38,12 +40,19 @@ class ImageClassificationDataModule(L.LightningDataModule):
     fraction (seeded by ``seed``) when ``val_split > 0``; ``val_dataset`` is that fraction, or the
     official test split when ``val_split == 0`` (what the papers report); ``test_dataset`` is always
     the official test split. ``mean``, ``std``, ``interpolation`` and ``crop_pct`` normally come
-    from the model's pretrained config. ``max_bad_images`` bounds the distinct unreadable image
+    from the model's pretrained config. ``num_workers=None`` (the default) takes the cores this
+    process's share of the machine has left, see ``num_workers``. ``auto_augment`` names a timm augmentation policy
+    (``rand-m9-mstd0.5-inc1``, ``augmix-m5-w4-d2``, ``trivialaugment``, ...; ``None`` = colour jitter
+    instead, see ``datamodules.transforms``). ``max_bad_images`` bounds the distinct unreadable image
     files tolerated in the whole run (each is logged and replaced by an image of the same class).
 
     ``eval_transform`` (RGB ``uint8`` HWC array -> normalized CxHxW tensor) is available right after
     construction for prediction on single images; ``class_names`` / ``num_classes`` too (read from
     the dataset's metadata on first access).
+
+    ``sampler`` orders the training set: ``shuffle``; ``repeated_augmentation`` (DeiT: each image
+    ``repeats`` times per epoch, the copies on different processes); ``class_balanced`` (draws with
+    replacement, every class equally often). See ``datamodules.samplers``.
     """
 
     dataset_class: ClassVar[type[OnDiskDataset]]
@@ -53,7 +62,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         root: str,
         img_size: int = 224,
         batch_size: int = 32,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_split: float = 0.0,
@@ -65,23 +74,27 @@ class ImageClassificationDataModule(L.LightningDataModule):
         train_crop_scale: tuple[float, float] = (0.08, 1.0),
         hflip: float = 0.5,
         color_jitter: float = 0.4,
-        auto_augment: bool = True,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
         re_prob: float = 0.25,
         max_bad_images: int = 10,
+        sampler: Literal["shuffle", "repeated_augmentation", "class_balanced"] = "shuffle",
+        repeats: int = 3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected a positive integer")
-        if num_workers < 0:
+        if num_workers is not None and num_workers < 0:
             raise ValueError(f"num_workers={num_workers}: expected a non-negative integer")
         if not 0 <= val_split < 1:
             raise ValueError(f"val_split={val_split}: expected a fraction in [0, 1)")
+        if repeats < 1:
+            raise ValueError(f"repeats={repeats}: expected a positive integer")
         if max_bad_images < 0:
             raise ValueError(f"max_bad_images={max_bad_images}: expected a non-negative integer")
         self.root = Path(os.path.expanduser(root))
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.workers_setting = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.val_split = val_split
@@ -96,6 +109,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.test_dataset: ImageListDataset | None = None
         self._class_names: list[str] | None = None
         self._bad_images: BadImageRegistry | None = None
+
+    @property
+    def num_workers(self) -> int:
+        """DataLoader workers: as given, else chosen for the training processes on this machine
+        (``datamodules.machine.default_num_workers``)."""
+        if self.workers_setting is not None:
+            return self.workers_setting
+        return default_num_workers(self.trainer.num_devices if self.trainer is not None else 1)
 
     # -- what subclasses adapt ---------------------------------------------------------------
 
@@ -148,7 +169,22 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if wants_val and self.val_dataset is None:
             self.val_dataset = self.test_dataset
 
+    def class_counts(self) -> list[int]:
+        """Training images per class (for class-weighted losses); needs ``setup("fit")``."""
+        if self.train_dataset is None:
+            raise RuntimeError("train_dataset is not set: call setup('fit') first")
+        return class_counts(self.train_dataset.targets, self.num_classes)
+
     # -- dataloaders --------------------------------------------------------------------------
+
+    def _train_sampler(self, dataset: ImageListDataset) -> Any:
+        setting = self.hparams.sampler
+        if setting == "repeated_augmentation":
+            replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            return RepeatedAugmentationSampler(dataset, replicas, rank, self.hparams.repeats, seed=self.seed)
+        if setting == "class_balanced":
+            return class_balanced_sampler(dataset.targets)
+        return None
 
     def _dataloader(self, dataset: ImageListDataset | None, name: str, stage: str, train: bool) -> DataLoader:
         if dataset is None:
@@ -157,10 +193,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if train and workers == 0:
             # no worker to reseed: draw the augmentation seed from torch's generator instead
             dataset.reseed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        sampler = self._train_sampler(dataset) if train else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             # a train set smaller than one batch would otherwise give empty epochs
             drop_last=train and len(dataset) >= self.batch_size,
             num_workers=workers,

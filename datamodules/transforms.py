@@ -7,10 +7,12 @@ marker itself and raises :class:`ImageDecodeError` for such files.
 
 The transforms follow timm's ImageNet recipe:
 
-- train: random resized crop, horizontal flip, then either a RandAugment-like policy (two ops drawn
-  per image, each applied with probability 0.5; timm's ``rand-m9`` ops that albumentations has) or,
-  when ``auto_augment`` is off, colour jitter (timm likewise skips colour jitter when an
-  auto-augment policy is set), then random erasing with per-pixel random values, normalize;
+- train: random resized crop, horizontal flip, then either an augmentation policy named as timm
+  names it (``auto_augment``: ``rand-m9-mstd0.5-inc1`` is DeiT's RandAugment, ``augmix-m5-w4-d2``,
+  ``original`` / ``v0`` AutoAugment, and ``trivialaugment`` for torchvision's TrivialAugmentWide),
+  run by timm's / torchvision's own PIL code (:class:`PolicyAugment`), or, when ``auto_augment`` is
+  ``None``, colour jitter (timm likewise skips colour jitter when a policy is set), then random
+  erasing with per-pixel random values, normalize;
 - eval: resize the shorter side to ``floor(img_size / crop_pct)``, center crop ``img_size``,
   normalize.
 
@@ -21,14 +23,21 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import auto_augment as timm_aa
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+from timm.data.transforms import str_to_pil_interp
+from torchvision.transforms import TrivialAugmentWide
 
 __all__ = [
     "IMAGENET_DEFAULT_MEAN",
@@ -36,6 +45,8 @@ __all__ = [
     "INTERPOLATIONS",
     "ImageDecodeError",
     "ImageTransform",
+    "PolicyAugment",
+    "augment_policy",
     "build_eval_transform",
     "build_train_transform",
     "load_rgb",
@@ -121,22 +132,82 @@ def _check_common(img_size: int, mean: Sequence[float], std: Sequence[float]) ->
         raise ValueError(f"std={tuple(std)}: expected positive values")
 
 
-def _rand_augment_ops(fill: tuple[int, int, int]) -> list[A.BasicTransform]:
-    return [
-        A.AutoContrast(p=0.5),
-        A.Equalize(p=0.5),
-        A.Affine(rotate=(-27, 27), fill=fill, p=0.5),
-        A.Affine(shear={"x": (-15, 15), "y": (0, 0)}, fill=fill, p=0.5),
-        A.Affine(shear={"x": (0, 0), "y": (-15, 15)}, fill=fill, p=0.5),
-        A.Affine(translate_percent={"x": (-0.1, 0.1), "y": (0, 0)}, fill=fill, p=0.5),
-        A.Affine(translate_percent={"x": (0, 0), "y": (-0.1, 0.1)}, fill=fill, p=0.5),
-        A.Posterize(num_bits=(4, 8), p=0.5),
-        A.Solarize(threshold_range=(0.5, 1.0), p=0.5),
-        A.ColorJitter(brightness=0.8, contrast=0, saturation=0, hue=0, p=0.5),
-        A.ColorJitter(brightness=0, contrast=0.8, saturation=0, hue=0, p=0.5),
-        A.ColorJitter(brightness=0, contrast=0, saturation=0.8, hue=0, p=0.5),
-        A.Sharpen(alpha=(0.2, 0.8), p=0.5),
-    ]
+def augment_policy(
+    name: str, img_size: int, mean: Sequence[float], interpolation: str
+) -> Callable[[Image.Image], Image.Image]:
+    """The PIL-image augmentation ``name`` means in timm (``timm.data.create_transform(auto_augment=...)``).
+
+    ``rand-...`` is timm's RandAugment, ``augmix...`` timm's AugMix, ``trivialaugment`` torchvision's
+    TrivialAugmentWide, anything else one of timm's AutoAugment policies (``original``, ``v0``, ``3a``, ...).
+    Magnitudes are relative to ``img_size`` and fills use ``mean``, with timm's settings.
+    """
+    fill = tuple(min(255, round(255 * m)) for m in mean)
+    if name == "trivialaugment":
+        return TrivialAugmentWide(fill=list(fill))
+    params: dict[str, Any] = {"translate_const": int(img_size * 0.45), "img_mean": fill}
+    params["interpolation"] = str_to_pil_interp(interpolation)
+    try:
+        if name.startswith("rand"):
+            policy = rand_augment_transform(name, params)
+            ops = policy.ops
+        elif name.startswith("augmix"):
+            policy = augment_and_mix_transform(name, {**params, "translate_pct": 0.3})
+            ops = policy.ops
+        else:
+            policy = auto_augment_transform(name, params)
+            ops = [op for sub_policy in policy.policy for op in sub_policy]
+    except (AssertionError, ValueError, KeyError, IndexError) as err:
+        raise ValueError(
+            f"auto_augment={name!r}: not a timm augmentation string ({err or 'unknown policy'}); expected e.g. "
+            "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, trivialaugment, original, v0 or null"
+        ) from None
+    for op in ops:
+        if op.aug_fn is timm_aa.posterize:
+            op.aug_fn = _posterize
+    return policy
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, with 0 bits giving a black image as in Pillow < 11.
+
+    timm's Posterize levels reach 0 bits (``Posterize`` at magnitude 0, ``PosterizeIncreasing`` at 10,
+    which DeiT's ``mstd0.5`` noise reaches), which current Pillow rejects with an error.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+class PolicyAugment(A.ImageOnlyTransform):
+    """An augmentation policy of :func:`augment_policy`, run on the PIL image inside albumentations.
+
+    timm's policies draw from Python's ``random`` (AugMix also from NumPy's global generator), so
+    :meth:`set_random_seed` (called per DataLoader worker) seeds those generators as well.
+    """
+
+    def __init__(
+        self, name: str, img_size: int, mean: Sequence[float], interpolation: str, p: float = 1.0
+    ) -> None:
+        super().__init__(p=p)
+        self.name = name
+        self.img_size = img_size
+        self.mean = tuple(mean)
+        self.interpolation = interpolation
+        self.policy = augment_policy(name, img_size, mean, interpolation)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return np.asarray(self.policy(Image.fromarray(img)), dtype=np.uint8)
+
+    def set_random_seed(self, seed: int | None) -> None:
+        super().set_random_seed(seed)
+        if seed is not None:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("name", "img_size", "mean", "interpolation")
 
 
 def build_train_transform(
@@ -147,10 +218,14 @@ def build_train_transform(
     train_crop_scale: tuple[float, float] = (0.08, 1.0),
     hflip: float = 0.5,
     color_jitter: float = 0.4,
-    auto_augment: bool = True,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
     re_prob: float = 0.25,
 ) -> ImageTransform:
     """Training augmentation (see the module docstring); output ``3 x img_size x img_size`` float."""
+    if auto_augment is not None and not isinstance(auto_augment, str):
+        raise ValueError(
+            f"auto_augment={auto_augment!r}: expected a timm augmentation string (e.g. rand-m9-mstd0.5-inc1) or null"
+        )
     _check_common(img_size, mean, std)
     low, high = train_crop_scale
     if not 0 < low <= high <= 1:
@@ -160,14 +235,13 @@ def build_train_transform(
             raise ValueError(f"{name}={p}: expected a probability in [0, 1]")
     if color_jitter < 0:
         raise ValueError(f"color_jitter={color_jitter}: expected a non-negative strength")
-    fill = tuple(round(255 * m) for m in mean)
     ops: list[A.BasicTransform | A.BaseCompose] = [
         A.RandomResizedCrop(size=(img_size, img_size), scale=(low, high), interpolation=_interpolation(interpolation)),
     ]
     if hflip > 0:
         ops.append(A.HorizontalFlip(p=hflip))
-    if auto_augment:
-        ops.append(A.SomeOf(_rand_augment_ops(fill), n=2, replace=False, p=1.0))
+    if auto_augment is not None:
+        ops.append(PolicyAugment(auto_augment, img_size, mean, interpolation))
     elif color_jitter > 0:
         ops.append(A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0, p=1.0))
     if re_prob > 0:

@@ -21,7 +21,6 @@ Wiring decisions:
 
 from __future__ import annotations
 
-import csv
 import importlib
 import os
 import sys
@@ -32,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from jsonargparse import ArgumentError
 from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -47,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from .backbones.checkpoint import CheckpointMismatchError
 from .hub import ExportError, HubError, PushToHubCallback
 from .module import FinetuneConfigError, ImageClassifier
+from .predict import PredictionWriter
 
 __all__ = ["main", "FinetuneCLI", "EXTRA_COMMANDS", "RECIPES_DIR", "UsageError", "resolve_recipe"]
 
@@ -187,6 +186,8 @@ class FinetuneCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.dirpath is None:  # the run folder's checkpoints/, whatever loggers the run has (or none)
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
@@ -194,15 +195,31 @@ class FinetuneCheckpoint(ModelCheckpoint):
 
 # --------------------------------------------------------------------------- run summary
 class RunSummary(Callback):
-    """Prints the datamodule's banner (if any) and, at the end of fit, a rich table of the run."""
+    """Prints the datamodule's banner (if any) and, after fit, a rich table of the run.
+
+    The table is printed at teardown, after the progress bar has stopped (so it is not redrawn
+    below the table); training speed is in images/s over the training batches of this process.
+    """
 
     def __init__(self) -> None:
         self.start = 0.0
+        self.images = 0
+        self.train_seconds = 0.0
+        self.batch_start = 0.0
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.start = time.perf_counter()
         if trainer.is_global_zero:
             self._notes(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.batch_start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.train_seconds += time.perf_counter() - self.batch_start
+        self.images += len(batch[0])
 
     @staticmethod
     def _notes(trainer: Trainer, pl_module: LightningModule) -> None:
@@ -213,7 +230,9 @@ class RunSummary(Callback):
         if pl_module.hparams.get("pretrained") is False:
             console.print("[bold yellow]The model trains from random weights (model.pretrained: false).[/]")
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or trainer.interrupted:
+            return
         log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must take part
         if not trainer.is_global_zero:
             return
@@ -225,11 +244,14 @@ class RunSummary(Callback):
         table.add_row("model", str(pl_module.hparams.get("model_name")))
         table.add_row("best val top-1", f"{100 * best['top1']:.2f}%" if best else "n/a")
         table.add_row("best val top-5", f"{100 * best['top5']:.2f}%" if best else "n/a")
+        table.add_row("best val mean-class acc.", f"{100 * best['mean_class_acc']:.2f}%" if best else "n/a")
         table.add_row("best epoch", str(best.get("epoch", "n/a")))
         table.add_row("best checkpoint", getattr(ckpt, "best_model_path", "") or "n/a")
         table.add_row("last checkpoint", getattr(ckpt, "last_model_path", "") or "n/a")
         table.add_row("log dir", str(log_dir))
         table.add_row("wall time", f"{time.perf_counter() - self.start:.1f} s")
+        if self.train_seconds > 0:
+            table.add_row("training speed", f"{self.images / self.train_seconds:.1f} images/s (this process)")
         _console().print(table)
         self._notes(trainer, pl_module)
 
@@ -288,60 +310,6 @@ class ImagePathsDataModule(LightningDataModule):
         )
 
 
-class PredictionWriter(BasePredictionWriter):
-    """``predict`` settings and output: top-5 class names and scores per image, as a CSV.
-
-    Args:
-        inputs: image files or folders to classify (``predict`` only).
-        output: the CSV file to write (one row per image: path, then class and score for each rank).
-    """
-
-    def __init__(self, inputs: list[str] | None = None, output: str = "predictions.csv") -> None:
-        super().__init__(write_interval="batch")
-        self.inputs = inputs
-        self.output = output
-        self.rows: list[list[Any]] = []
-
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: dict[str, torch.Tensor],
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        dataset: ImagePaths = trainer.predict_dataloaders.dataset
-        names = pl_module.class_names
-        for index, classes, scores in zip(
-            batch[1].tolist(), prediction["indices"].tolist(), prediction["scores"].tolist(), strict=True
-        ):
-            row: list[Any] = [str(dataset.paths[index])]
-            for c, s in zip(classes, scores, strict=True):
-                row += [names[c], f"{s:.6f}"]
-            self.rows.append(row)
-
-    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        rows = self.rows
-        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            gathered: list[Any] = [None] * trainer.world_size
-            dist.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
-        if trainer.is_global_zero:
-            unique = {row[0]: row for row in rows}  # DistributedSampler pads with repeats
-            k = (len(rows[0]) - 1) // 2 if rows else 0
-            header = ["path"] + [f"{kind}{r}" for r in range(1, k + 1) for kind in ("class", "score")]
-            out = Path(self.output).expanduser()
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with open(out, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(header)
-                writer.writerows(unique[path] for path in sorted(unique))
-            _console().print(f"wrote {len(unique)} predictions to {out}")
-        self.rows = []
-
-
 # --------------------------------------------------------------------------- the CLI
 class FinetuneCLI(LightningCLI):
     """LightningCLI with this project's defaults, links and predict wiring."""
@@ -380,8 +348,10 @@ class FinetuneCLI(LightningCLI):
         if repo_id:
             callbacks.append(PushToHubCallback(repo_id))
         self.trainer_defaults["callbacks"] = callbacks
+        run_dir = self._get(self.config_init, "run_dir")
+        if trainer_config.get("default_root_dir") is None:  # without our loggers too: checkpoints/ in run_dir
+            kwargs["default_root_dir"] = run_dir
         if trainer_config.get("logger") in (None, True):
-            run_dir = self._get(self.config_init, "run_dir")
             kwargs["logger"] = [
                 CSVLogger(save_dir=run_dir, name="", version=""),
                 TensorBoardLogger(save_dir=run_dir, name="", version=""),

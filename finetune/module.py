@@ -2,8 +2,9 @@
 
 ``ImageClassifier`` wraps a timm model (registered names, the iRPE and SP-ViT backbones of this
 package, ``hf-hub:`` ids), puts a head for the datamodule's classes on it, and trains it with
-AdamW/SGD, layer-wise learning-rate decay, cosine schedule with linear warmup (stepped per
-iteration), label smoothing, Mixup/CutMix, drop path and an EMA of the weights.
+AdamW/SGD, layer-wise learning-rate decay, timm's cosine schedule with linear warmup (stepped per
+optimizer step, sized from the training loader the run really uses), the learning rate scaled by the
+global batch, label smoothing, Mixup/CutMix, drop path and an EMA of the weights (see ``finetune.optim``).
 
 The number of classes and their names are learned from ``trainer.datamodule`` in ``setup()``
 (datamodules only know them once their files exist, which for the demo is after ``prepare_data``);
@@ -34,7 +35,6 @@ conv stem on GPU, timm ConvNets).
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import random
 from pathlib import Path
@@ -45,18 +45,21 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from timm.data import Mixup, resolve_model_data_config
 from timm.layers import to_2tuple
-from timm.loss import SoftTargetCrossEntropy
-from timm.models import group_parameters
+from timm.scheduler.scheduler import Scheduler as TimmScheduler
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 import finetune  # noqa: F401  (registers the iRPE / SP-ViT backbones with timm)
+from datamodules.machine import CpuThreads
+from finetune.distillation import DistillationKind, distillation_loss
+from finetune.optim import build_schedule, global_batch_size, loader_batch_size, plan_param_groups
 from finetune.resize import resolution_args
 
 __all__ = ["ImageClassifier", "FinetuneConfigError"]
@@ -84,12 +87,30 @@ class ImageClassifier(L.LightningModule):
             trains too, at ``backbone_lr_scale`` times the learning rate).
         backbone_lr_scale: learning-rate factor for every non-head parameter.
         optimizer: ``adamw`` or ``sgd`` (momentum, nesterov).
-        lr: peak learning rate of the head (and of the last layer under layer decay).
-        layer_decay: layer-wise lr decay factor (BEiT-style, timm's group matcher); ``None`` = off.
-        warmup_epochs: linear warmup length, in epochs (may be fractional).
-        min_lr: the cosine schedule ends at ``min_lr / lr`` times each group's peak lr.
+        lr: peak learning rate of the head (and of the last layer under layer decay) for a global batch
+            of ``base_batch_size`` images; the run uses ``lr * global_batch / base_batch_size`` with
+            ``global_batch = processes x batch size x accumulate_grad_batches`` (DeiT's linear rule,
+            timm's ``--lr-base``), and prints it. A ``LearningRateFinder``'s choice replaces it.
+        base_batch_size: the global batch ``lr`` is stated for; ``None`` uses ``lr`` as is.
+        layer_decay: layer-wise lr decay factor (timm's ``param_groups_layer_decay``); ``None`` = off.
+        warmup_epochs: linear warmup length, in epochs of the training loader (may be fractional).
+        warmup_lr: the warmup starts from this lr (times each group's scale).
+        min_lr: the cosine schedule ends at this lr (times each group's scale), as in timm.
         label_smoothing: label smoothing of the cross entropy (also applied to Mixup targets).
+        class_weighting: ``balanced`` weights the training loss of class ``c`` by
+            ``images / (classes * images of c)`` (from the datamodule's ``class_counts()``, for
+            imbalanced data); ``none`` = unweighted. A class-balanced sampler is the datamodule's
+            ``sampler: class_balanced``.
         mixup, cutmix: Mixup / CutMix alphas; either > 0 enables timm's ``Mixup``.
+        teacher: distil from this teacher (see ``finetune.distillation``): a checkpoint of this toolkit
+            (``.ckpt``; its EMA weights when it has them) or a timm model name / ``hf-hub:`` id created
+            with ``pretrained=True`` and this run's ``num_classes`` (``teacher_kwargs`` override, e.g.
+            ``pretrained_cfg_overlay: {file: PATH}``). It runs in eval mode, is never trained and is not
+            saved in this model's checkpoints. ``None`` = no distillation.
+        distillation: ``soft`` (KL at temperature ``distillation_tau``) or ``hard`` (teacher's top class).
+        distillation_alpha: weight of the distillation term; the classification loss gets ``1 - alpha``.
+        tta: test-time augmentation for ``test`` and ``predict``: ``flip`` averages the logits (and
+            embeddings) of each image and its mirror image; ``none`` = the image alone.
         ema: keep an exponential moving average of the weights; validation and test then use it.
         compile: ``torch.compile`` the model (in place, so checkpoint keys do not change).
         channels_last: convert model and inputs to channels-last (helps convnets on GPU).
@@ -111,16 +132,25 @@ class ImageClassifier(L.LightningModule):
         backbone_lr_scale: float = 1.0,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 5e-4,
+        base_batch_size: int | None = None,
         weight_decay: float = 0.05,
         momentum: float = 0.9,
         layer_decay: float | None = None,
         warmup_epochs: float = 5.0,
+        warmup_lr: float = 1e-6,
         min_lr: float = 1e-6,
         label_smoothing: float = 0.1,
+        class_weighting: Literal["none", "balanced"] = "none",
         mixup: float = 0.0,
         cutmix: float = 0.0,
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
+        teacher: str | None = None,
+        teacher_kwargs: dict[str, Any] | None = None,
+        distillation: DistillationKind = "soft",
+        distillation_alpha: float = 0.5,
+        distillation_tau: float = 1.0,
+        tta: Literal["none", "flip"] = "none",
         ema: bool = False,
         ema_decay: float = 0.9998,
         compile: bool = False,
@@ -135,12 +165,26 @@ class ImageClassifier(L.LightningModule):
                 f"finetune_strategy freeze_then_unfreeze needs unfreeze_epoch >= 1 (got {unfreeze_epoch}); "
                 "set model.unfreeze_epoch or use finetune_strategy full"
             )
+        if not 0.0 <= distillation_alpha <= 1.0:
+            raise FinetuneConfigError(
+                f"model.distillation_alpha={distillation_alpha!r}: expected a value in [0, 1]"
+            )
+        if distillation_tau <= 0:
+            raise FinetuneConfigError(
+                f"model.distillation_tau={distillation_tau!r}: expected a positive temperature"
+            )
+        if base_batch_size is not None and base_batch_size < 1:
+            raise FinetuneConfigError(
+                f"model.base_batch_size={base_batch_size!r}: expected a positive integer or null"
+            )
         if eval_crop_pct is not None and not 0.0 < eval_crop_pct <= 1.0:
             raise FinetuneConfigError(f"model.eval_crop_pct={eval_crop_pct!r}: expected a fraction in (0, 1]")
         self.model = _create_model(model_name, pretrained, model_kwargs or {})
         self.data_config = _data_config(self.model, model_kwargs or {})
         if eval_crop_pct is not None:
             self.data_config["crop_pct"] = float(eval_crop_pct)
+        # one image: Lightning's model summary then reports FLOPs and input/output shapes
+        self.example_input_array = torch.zeros(1, *self.data_config["input_size"])
         self.num_classes: int | None = None
         self.class_names: list[str] | None = None
         self.ema: ModelEmaV3 | None = None
@@ -149,6 +193,12 @@ class ImageClassifier(L.LightningModule):
         self.best_metrics: dict[str, Any] | None = None
         self.last_test_metrics: dict[str, Any] | None = None
         self.per_class_accuracy: dict[str, float] = {}
+        self.teacher_nets: tuple[nn.Module, ...] = ()  # a tuple, so the teacher is no submodule (not saved)
+        self.predict_embeddings = False  # predict_step also returns pre-logits embeddings (set by the writer)
+        self.loss_weights: Tensor | None = None  # per class, with class_weighting balanced (set in setup)
+        self.param_plan: list[dict[str, Any]] = []  # see finetune.optim.plan_param_groups
+        self.schedule_sizing: tuple[float, int, int] | None = None  # (lr, warmup steps, total steps) in use
+        self.configured_lr: float | None = None  # model.lr when the schedule was sized
         if num_classes is not None:
             self._finalize(num_classes, class_names)
 
@@ -177,9 +227,14 @@ class ImageClassifier(L.LightningModule):
             self.model.reset_classifier(num_classes)
         if self.hparams.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.param_plan = self._plan_param_groups()
         if self.hparams.ema:
             self.ema = ModelEmaV3(self.model, decay=self.hparams.ema_decay, use_warmup=True)
             self.ema.requires_grad_(False)
+            # timm puts the copy in eval mode; it only runs in validation/test/predict, where Lightning sets
+            # eval mode on the whole module, so train mode here is equivalent and spares Lightning's
+            # "modules in eval mode at the start of training" warning
+            self.ema.train()
         h = self.hparams
         if h.mixup > 0 or h.cutmix > 0:
             self.mixup_fn = Mixup(
@@ -190,6 +245,12 @@ class ImageClassifier(L.LightningModule):
                 label_smoothing=h.label_smoothing,
                 num_classes=num_classes,
             )
+        if h.teacher is not None:
+            self.teacher_nets = (self._create_teacher(num_classes),)
+            if hasattr(
+                self.model, "set_distilled_training"
+            ):  # DeiT's distillation token trains on the teacher
+                self.model.set_distilled_training(True)
         top_k = min(5, num_classes)
         self.metrics = nn.ModuleDict({split: _make_metrics(num_classes, top_k) for split in ("val", "test")})
         if self.hparams.finetune_strategy == "linear_probe":
@@ -206,6 +267,8 @@ class ImageClassifier(L.LightningModule):
                 "the number of classes is unknown: the datamodule exposes no num_classes after setup; "
                 "set model.num_classes"
             )
+        if stage == "fit" and self.hparams.class_weighting == "balanced":
+            self.loss_weights = _balanced_class_weights(datamodule)
         if self.hparams.compile and self.num_classes is not None:
             self.model.compile()
 
@@ -220,6 +283,18 @@ class ImageClassifier(L.LightningModule):
                 "freeze_then_unfreeze under DDP leaves the backbone without gradients while frozen; "
                 "use --trainer.strategy ddp_find_unused_parameters_true"
             )
+        if self.ema is not None and isinstance(strategy, FSDPStrategy):
+            raise FinetuneConfigError(
+                "model.ema under FSDP is not supported (the EMA copy would not be sharded like the model); "
+                "set model.ema false or use --trainer.strategy ddp"
+            )
+        for teacher in self.teacher_nets:
+            teacher.to(self.device).eval()
+        # Tuners (BatchSizeFinder, LearningRateFinder) run in the callbacks' on_fit_start, before this
+        # hook: size the schedule for the batch and the lr they left.
+        self._adopt_found_lr()
+        config = self.trainer.lr_scheduler_configs[0]
+        config.scheduler = self._schedule(config.scheduler.optimizer)
 
     # ------------------------------------------------------------------ freezing
     def _head_prefixes(self) -> tuple[str, ...]:
@@ -257,50 +332,94 @@ class ImageClassifier(L.LightningModule):
             self._set_backbone_eval()
 
     # ------------------------------------------------------------------ optimisation
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Parameter groups with weight decay and the learning-rate scales baked into ``lr``.
-
-        No weight decay on 1-D parameters (biases, norms) and on ``model.no_weight_decay()``
-        (pos_embed, cls_token, RPE tables, SP priors). With ``layer_decay``, layer ``i`` of ``n``
-        (timm's group matcher; unmatched parameters such as the head join the last layer) gets
-        ``layer_decay ** (n - 1 - i)``, the scales of ``timm.optim.param_groups_layer_decay``, but
-        baked into ``lr`` because Lightning's schedulers do not read timm's ``lr_scale``. Non-head
-        parameters get a further ``backbone_lr_scale``. Each group lists its ``param_names``.
-        """
+    def _plan_param_groups(self) -> list[dict[str, Any]]:
         h = self.hparams
-        skip = set(self.model.no_weight_decay()) if hasattr(self.model, "no_weight_decay") else set()
-        layer_map: dict[str, int] = {}
-        if h.layer_decay is not None:
-            if not hasattr(self.model, "group_matcher"):
-                raise FinetuneConfigError(
-                    f"{h.model_name} has no group_matcher, so layer-wise lr decay is undefined; "
-                    "set model.layer_decay null"
-                )
-            layer_map = group_parameters(self.model, self.model.group_matcher(coarse=False), reverse=True)
-        last = max(layer_map.values(), default=0)  # the head (unmatched) shares the last layer, as in timm
-        groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad and not (
-                h.finetune_strategy == "freeze_then_unfreeze" and not self.is_head_param(name)
-            ):
-                continue
-            no_decay = param.ndim <= 1 or any(fnmatch.fnmatch(name, pattern) for pattern in skip)
-            layer = layer_map.get(name, last) if h.layer_decay is not None else 0
-            head = self.is_head_param(name)
-            scale = h.layer_decay ** (last - layer) if h.layer_decay is not None else 1.0
-            if not head:
-                scale *= h.backbone_lr_scale
-            key = (layer, no_decay, head)
-            if key not in groups:
-                groups[key] = {
-                    "params": [],
-                    "param_names": [],
-                    "lr": h.lr * scale,
-                    "weight_decay": 0.0 if no_decay else h.weight_decay,
-                }
-            groups[key]["params"].append(param)
-            groups[key]["param_names"].append(name)
-        return [groups[k] for k in sorted(groups)]
+        if h.layer_decay is not None and not hasattr(self.model, "group_matcher"):
+            raise FinetuneConfigError(
+                f"{h.model_name} has no group_matcher, so layer-wise lr decay is undefined; "
+                "set model.layer_decay null"
+            )
+        return plan_param_groups(
+            self.model, h.weight_decay, h.layer_decay, self.is_head_param, h.backbone_lr_scale
+        )
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups, with each group's ``lr_scale`` folded into ``lr``.
+
+        No weight decay on anything but the weights of linear, convolution and embedding layers, nor on
+        ``model.no_weight_decay()`` (pos_embed, cls_token, RPE tables, SP priors): decided by module and
+        name, so FSDP's flattened parameters keep it. With ``layer_decay``, timm's
+        ``param_groups_layer_decay`` scales (unmatched parameters such as the head join the top layer).
+        Non-head parameters get a further ``backbone_lr_scale``; under ``linear_probe`` only the head
+        is optimised. Each group has ``name``, ``param_names``, ``lr_scale`` and
+        ``lr = model.lr * lr_scale`` (before the global-batch scaling of :meth:`effective_lr`).
+        """
+        head_only = self.hparams.finetune_strategy == "linear_probe"
+        return [
+            {**group, "params": list(group["params"]), "lr": self.hparams.lr * group["lr_scale"]}
+            for group in self.param_plan
+            if not head_only or group["name"].startswith("head")
+        ]
+
+    def effective_lr(self) -> float:
+        """``lr`` scaled from ``base_batch_size`` to the global batch of the training loader in use."""
+        h = self.hparams
+        if h.base_batch_size is None:
+            return float(h.lr)
+        return float(h.lr) * self.global_batch_size() / h.base_batch_size
+
+    def global_batch_size(self) -> int:
+        trainer = self.trainer
+        batch = loader_batch_size(trainer.train_dataloader)
+        return global_batch_size(batch, trainer.world_size, trainer.accumulate_grad_batches)
+
+    def _adopt_found_lr(self) -> None:
+        """A LearningRateFinder sets ``lr`` to the lr it found at the current batch: keep that lr, restated
+        per ``base_batch_size`` so that ``lr`` keeps its meaning (and the checkpoint its value)."""
+        h = self.hparams
+        if h.base_batch_size is None or h.lr == self.configured_lr:
+            return
+        found = float(h.lr)
+        h.lr = found * h.base_batch_size / self.global_batch_size()
+        rank_zero_info(
+            f"learning-rate finder: {found:.4g} at this batch (lr {h.lr:.4g} per {h.base_batch_size})"
+        )
+
+    def _schedule(self, optimizer: torch.optim.Optimizer) -> TimmScheduler:
+        """timm's warmup + cosine over the optimizer steps of the training loader in use (see finetune.optim)."""
+        h = self.hparams
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise FinetuneConfigError(
+                "the lr schedule needs a finite run: set trainer.max_epochs or trainer.max_steps"
+            )
+        steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+        warmup = min(round(h.warmup_epochs * steps_per_epoch), int(total) - 1)  # at least one cosine step
+        sizing = (self.effective_lr(), max(0, warmup), int(total))
+        schedule = build_schedule(optimizer, sizing[0], h.min_lr, h.warmup_lr, sizing[1], sizing[2])
+        schedule.step_update(self.global_step)  # a resumed run continues where it stopped
+        if sizing != self.schedule_sizing:
+            self._report_schedule(sizing)
+        self.schedule_sizing = sizing
+        self.configured_lr = float(h.lr)
+        return schedule
+
+    def _report_schedule(self, sizing: tuple[float, int, int]) -> None:
+        h = self.hparams
+        lr, warmup, total = sizing
+        if h.base_batch_size is None:
+            source = "model.lr"
+        else:
+            trainer = self.trainer
+            source = (
+                f"{h.lr:.4g} x {self.global_batch_size()} / {h.base_batch_size} (global batch = "
+                f"{trainer.world_size} process(es) x {loader_batch_size(trainer.train_dataloader)} images x "
+                f"{trainer.accumulate_grad_batches} accumulated)"
+            )
+        rank_zero_info(
+            f"learning rate {lr:.4g} = {source}; warmup {warmup} steps, cosine to {h.min_lr:.3g} at step {total}"
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
@@ -309,12 +428,23 @@ class ImageClassifier(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=h.lr, weight_decay=h.weight_decay)
         else:
             optimizer = torch.optim.SGD(groups, lr=h.lr, momentum=h.momentum, nesterov=True)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = int(round(total * h.warmup_epochs / epochs))
-        floor = min(1.0, h.min_lr / h.lr) if h.lr > 0 else 0.0
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, total, floor))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self._schedule(optimizer), "interval": "step"},
+        }
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if isinstance(scheduler, TimmScheduler):  # timm's schedulers take the number of optimizer steps
+            scheduler.step_update(self.global_step)
+        else:  # a tuner's (e.g. the learning-rate finder's) torch scheduler
+            super().lr_scheduler_step(scheduler, metric)
+
+    def configure_callbacks(self) -> list[Callback]:
+        # CPU threads from the machine unless chosen; the lr of every parameter group, per optimizer step
+        callbacks: list[Callback] = [CpuThreads()]
+        if self.trainer.loggers:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return callbacks
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -335,20 +465,71 @@ class ImageClassifier(L.LightningModule):
         if self.mixup_fn is not None:
             if len(x) % 2:  # timm's batch Mixup pairs a batch with its reverse: needs an even size
                 x, y = x[:-1], y[:-1]
-            x, soft = self.mixup_fn(x, y)
-            loss = SoftTargetCrossEntropy()(self(x), soft)
+            x, soft = self.mixup_fn(x, y)  # smoothed, mixed class probabilities
+            outputs = self(x)
+            logits, distilled = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+            loss = F.cross_entropy(logits, soft, weight=self._loss_weights())
         else:
-            loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+            outputs = self(x)
+            logits, distilled = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+            loss = F.cross_entropy(
+                logits, y, weight=self._loss_weights(), label_smoothing=self.hparams.label_smoothing
+            )
+        if self.teacher_nets:
+            h = self.hparams
+            with torch.no_grad():
+                teacher_logits = self.teacher_nets[0](x)
+            distill = distillation_loss(distilled, teacher_logits, h.distillation, h.distillation_tau)
+            self.log("train/distillation_loss", distill, on_step=True, on_epoch=True, sync_dist=True)
+            loss = (1 - h.distillation_alpha) * loss + h.distillation_alpha * distill
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
-        lr = max(group["lr"] for group in self.trainer.optimizers[0].param_groups)
-        self.log("train/lr", lr, on_step=True, on_epoch=False)
         return loss
+
+    def _create_teacher(self, num_classes: int) -> nn.Module:
+        h = self.hparams
+        if h.teacher.endswith(".ckpt"):
+            if not Path(h.teacher).expanduser().is_file():
+                raise FinetuneConfigError(
+                    f"model.teacher {h.teacher!r} does not exist; give a checkpoint file"
+                )
+            classifier = ImageClassifier.load_from_checkpoint(
+                Path(h.teacher).expanduser(), map_location="cpu"
+            )
+            teacher = classifier._eval_net()
+        else:
+            kwargs = {"pretrained": True, "num_classes": num_classes, **(h.teacher_kwargs or {})}
+            teacher = _create_model(h.teacher, kwargs.pop("pretrained"), kwargs)
+        head = teacher.get_classifier() if hasattr(teacher, "get_classifier") else None
+        classes = getattr(teacher, "num_classes", getattr(head, "out_features", num_classes))
+        if classes != num_classes:
+            raise FinetuneConfigError(
+                f"the teacher {h.teacher!r} predicts {classes} classes but the data has {num_classes}; "
+                "give a teacher trained on this dataset"
+            )
+        return teacher.requires_grad_(False).eval()
+
+    def _loss_weights(self) -> Tensor | None:
+        return None if self.loss_weights is None else self.loss_weights.to(self.device)
+
+    def _eval_outputs(self, x: Tensor, tta: bool, embeddings: bool) -> tuple[Tensor, Tensor | None]:
+        """Logits (and pre-logits embeddings) of the evaluation net, averaged over the TTA views."""
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        net = self._eval_net()
+        views = [x, x.flip(-1)] if tta and self.hparams.tta == "flip" else [x]
+        logits, embeds = [], []
+        for view in views:
+            if embeddings:
+                features = net.forward_features(view)
+                logits.append(net.forward_head(features))
+                embeds.append(net.forward_head(features, pre_logits=True))
+            else:
+                logits.append(net(view))  # forward itself: what model.compile compiled
+        return torch.stack(logits).mean(0), torch.stack(embeds).mean(0) if embeddings else None
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
         x, y = batch
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = self._eval_net()(x)
+        logits, _ = self._eval_outputs(x, tta=split == "test", embeddings=False)
         self.log(f"{split}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
         self.metrics[split].update(logits, y)
 
@@ -359,13 +540,14 @@ class ImageClassifier(L.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """Top-k class indices and probabilities (k = min(5, num_classes)) of a batch ``(images, ...)``."""
+        """``logits`` of a batch ``(images, ...)`` in float32, and ``embeddings`` when
+        ``predict_embeddings`` is set (see ``finetune.predict``)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        probs = self._eval_net()(x).float().softmax(dim=-1)
-        scores, indices = probs.topk(min(5, probs.shape[-1]), dim=-1)
-        return {"indices": indices, "scores": scores}
+        logits, embeddings = self._eval_outputs(x, tta=True, embeddings=self.predict_embeddings)
+        outputs = {"logits": logits.float()}
+        if embeddings is not None:
+            outputs["embeddings"] = embeddings.float()
+        return outputs
 
     def _eval_epoch_end(self, split: str) -> None:
         if self.trainer.sanity_checking:  # a couple of batches: nothing worth reporting
@@ -492,6 +674,18 @@ def _make_metrics(num_classes: int, top_k: int) -> MetricCollection:
     )
 
 
+def _balanced_class_weights(datamodule: Any) -> Tensor:
+    """``images / (classes * images of c)`` per class c (0 for a class without training images)."""
+    if not hasattr(datamodule, "class_counts"):
+        raise FinetuneConfigError(
+            f"model.class_weighting balanced needs class counts, which {type(datamodule).__name__} does not "
+            "give (no class_counts()); use class_weighting none"
+        )
+    counts = torch.tensor(datamodule.class_counts(), dtype=torch.float32)
+    weights = counts.sum() / (len(counts) * counts.clamp(min=1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights))
+
+
 def _create_model(model_name: str, pretrained: bool | str, model_kwargs: dict[str, Any]) -> nn.Module:
     """Create the timm model with its pretrained head (the new head is put on in ``_finalize``)."""
     kwargs = dict(model_kwargs)
@@ -560,15 +754,3 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, state, gauss_next = states["python"]
     random.setstate((version, tuple(state), gauss_next))
-
-
-def _warmup_cosine(warmup: int, total: int, floor: float):
-    """LR factor at optimizer step ``step``: linear warmup to 1, then cosine down to ``floor``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor

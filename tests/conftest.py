@@ -5,14 +5,48 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from lightning import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.synthetic import generate_synthetic_cub
+from finetune.module import ImageClassifier
 
 # A depth-1 iRPE-DeiT on 32 px images (4 x 4 patches): seconds per epoch on a CPU.
 TINY_MODEL = "{depth: 1, embed_dim: 64, num_heads: 2, img_size: 32, patch_size: 8}"
+# A depth-2 iRPE-DeiT for module-level tests (layer decay needs more than one block).
+TINY = dict(depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8)
+
+
+def tiny_classifier(**kwargs) -> ImageClassifier:
+    args = dict(model_name="irpe_deit_tiny_patch16_224", model_kwargs=TINY, num_classes=4, warmup_epochs=0)
+    return ImageClassifier(**{**args, **kwargs})
+
+
+class ImageTensors(L.LightningDataModule):
+    """A few random images with fixed labels, exposing num_classes / class_names as datamodules do."""
+
+    def __init__(
+        self, n: int = 12, num_classes: int = 4, batch_size: int = 5, labels: list[int] | None = None
+    ) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 32, 32, generator=generator)
+        self.y = torch.tensor(labels) if labels is not None else torch.arange(n) % num_classes
+        self.num_classes = num_classes
+        self.class_names = [f"class_{i}" for i in range(num_classes)]
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.y, minlength=self.num_classes).tolist()
 
 
 @pytest.fixture(scope="session")

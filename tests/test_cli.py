@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import TINY_MODEL, tiny_fit_args
@@ -50,8 +53,30 @@ def test_fit_writes_checkpoints_logs_config_and_confusion_matrix(fitted: Path):
         rows = list(csv.DictReader(f))
     top1 = [float(r["val/top1"]) for r in rows if r.get("val/top1")]
     assert len(top1) == 2 and all(0.0 <= v <= 1.0 for v in top1)
-    assert any(r.get("train/lr") for r in rows)
+    assert any(r.get("lr-AdamW/head") for r in rows)  # LearningRateMonitor, every parameter group
     assert not list(fitted.glob("checkpoints/.*.partial"))
+
+
+def test_a_fit_without_our_loggers_keeps_run_dir_prints_a_full_summary_and_no_avoidable_warning(
+    synthetic_cub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+):
+    run_dir = tmp_path / "quiet"
+    args = [*tiny_fit_args(synthetic_cub, run_dir, epochs=1), "--trainer.logger", "false", "--model.ema", "true"]
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        assert main(["fit", *args]) == 0
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()  # --run_dir holds without the default loggers
+    # deprecations raised inside the libraries (Lightning calling torch) are not the project's to avoid
+    library_deprecation = (DeprecationWarning, FutureWarning)
+    avoidable = [
+        f"{w.category.__name__}: {w.message} ({w.filename})"
+        for w in caught
+        if not (issubclass(w.category, library_deprecation) and "site-packages" in w.filename)
+    ]
+    assert avoidable == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    out = capsys.readouterr().out
+    assert "best val mean-class acc." in out and "images/s" in out
 
 
 def test_checkpoint_carries_the_hub_record(fitted: Path):
@@ -173,6 +198,54 @@ def test_predict_writes_top5_names_and_scores(fitted: Path, synthetic_cub: Path,
 
 
 # ----------------------------------------------------------------------------- recipes
+@pytest.mark.parametrize("suffix", [".json", ".parquet", ".csv"])
+def test_predict_top_k_logits_embeddings_and_flip_tta_in_each_format(
+    fitted: Path, synthetic_cub: Path, tmp_path: Path, suffix: str
+):
+    out = tmp_path / f"preds{suffix}"
+    images = synthetic_cub / "CUB_200_2011" / "images" / "003.Red_headed_Three_Pillared_Long_tailed"
+    code = main(
+        [
+            "predict",
+            *tiny_fit_args(synthetic_cub, tmp_path / "p"),
+            "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt"),
+            "--model.tta", "flip",
+            "--prediction.inputs", f"[{images}]",
+            "--prediction.output", str(out),
+            "--prediction.top_k", "2",
+            "--prediction.logits", "true",
+            "--prediction.embeddings", "true",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    if suffix == ".json":
+        records = json.loads(out.read_text())
+    elif suffix == ".parquet":
+        records = pq.read_table(out).to_pylist()
+    else:
+        with open(out) as f:
+            rows = list(csv.reader(f))
+        header, rows = rows[0], rows[1:]
+        assert header[:5] == ["path", "class1", "score1", "class2", "score2"]
+        assert header[5] == "logit_0" and header[15] == "embedding_0" and len(header) == 5 + 10 + 64
+        records = [{"path": r[0], "scores": [float(r[2]), float(r[4])], "logits": [float(v) for v in r[5:15]]}
+                   for r in rows]
+    assert [r["path"] for r in records] == sorted(str(p) for p in images.glob("*.jpg"))
+    for record in records:
+        assert len(record["scores"]) == 2 and record["scores"][0] >= record["scores"][1]
+        logits = torch.tensor(record["logits"])
+        assert len(logits) == 10
+        assert record["scores"][0] == pytest.approx(float(logits.softmax(-1).max()), abs=1e-5)
+        if suffix != ".csv":
+            assert len(record["classes"]) == 2 and len(record["embedding"]) == 64
+
+
+def test_predict_rejects_an_unknown_output_format(synthetic_cub: Path, tmp_path: Path, capsys):
+    args = ["predict", *tiny_fit_args(synthetic_cub, tmp_path), "--prediction.output", str(tmp_path / "p.txt")]
+    assert main(args) == 2
+    assert "expected a file ending in .csv, .json, .parquet" in one_line_error(capsys)
+
+
 @pytest.mark.parametrize("name", available_recipes())
 def test_every_recipe_parses(name: str, capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit) as exit_info:

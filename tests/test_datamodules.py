@@ -7,10 +7,12 @@ import hashlib
 import http.server
 import logging
 import os
+import random
 import threading
 from collections import Counter
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import pytest
 import scipy.io
@@ -29,6 +31,7 @@ from data_builders import (  # tests/ is on sys.path (pytest prepends it)
 from jsonargparse import ArgumentParser
 from numpy.lib.recfunctions import repack_fields
 from PIL import Image
+from timm.data.auto_augment import RandAugment
 
 from datamodules import (
     CUB200,
@@ -46,7 +49,7 @@ from datamodules import (
     load_rgb,
     stratified_split,
 )
-from datamodules.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from datamodules.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PolicyAugment, augment_policy
 
 SMALL = {"img_size": 32, "batch_size": 2, "num_workers": 0}
 
@@ -552,3 +555,57 @@ def test_invalid_constructor_values_are_rejected() -> None:
         CUB200DataModule("/nowhere", crop_pct=0)
     with pytest.raises(ValueError, match="max_bad_images=-1"):
         CUB200DataModule("/nowhere", max_bad_images=-1)
+
+
+# -- augmentation policies named as timm names them -----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "trivialaugment", "original"])
+def test_auto_augment_string_runs_timms_own_policy(name: str) -> None:
+    image = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    ours = PolicyAugment(name, 40, IMAGENET_DEFAULT_MEAN, "bicubic")
+    theirs = augment_policy(name, 40, IMAGENET_DEFAULT_MEAN, "bicubic")
+    outputs = []
+    for policy in (lambda x: ours(image=x)["image"], lambda x: np.asarray(theirs(Image.fromarray(x)))):
+        random.seed(5)
+        np.random.seed(5)
+        torch.manual_seed(5)
+        outputs.append([policy(image) for _ in range(4)])
+    assert all(np.array_equal(a, b) for a, b in zip(*outputs, strict=True))
+    assert not all(np.array_equal(a, image) for a in outputs[0])
+
+
+def test_deit_rand_augment_string_has_timms_meaning() -> None:
+    transform = build_train_transform(48, auto_augment="rand-m9-mstd0.5-inc1")
+    policy = next(t for t in transform.compose.transforms if isinstance(t, PolicyAugment)).policy
+    assert isinstance(policy, RandAugment)
+    assert policy.num_layers == 2  # timm's default n
+    assert {op.magnitude for op in policy.ops} == {9} and {op.magnitude_std for op in policy.ops} == {0.5}
+    names = {op.name for op in policy.ops}
+    assert {"SolarizeIncreasing", "PosterizeIncreasing", "SharpnessIncreasing"} <= names  # inc1
+    assert len(names) == 15  # timm's increasing RandAugment set
+    assert not any(isinstance(t, A.ColorJitter) for t in transform.compose.transforms)  # as timm: no jitter
+
+
+def test_policy_augment_is_reseeded_per_worker() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    transform = build_train_transform(32, auto_augment="augmix-m5-w4-d2", re_prob=0.0)
+    draws = []
+    for seed in (3, 3, 4):
+        transform.set_random_seed(seed)
+        draws.append(transform(image))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+@pytest.mark.parametrize("bad", ["rand-x9", "nonsense", True])
+def test_unknown_auto_augment_is_one_clear_error(bad) -> None:
+    with pytest.raises(ValueError, match="auto_augment=.*expected"):
+        build_train_transform(32, auto_augment=bad)
+
+
+def test_posterize_at_zero_bits_gives_black_as_timm_meant() -> None:
+    policy = augment_policy("rand-m10-mstd0-inc1", 32, IMAGENET_DEFAULT_MEAN, "bicubic")
+    op = next(op for op in policy.ops if op.name == "PosterizeIncreasing")
+    op.prob = 1.0  # magnitude 10: 4 - 4 = 0 bits kept, which Pillow >= 11 refuses
+    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    assert not np.asarray(op(image)).any()

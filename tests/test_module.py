@@ -2,48 +2,32 @@
 
 from __future__ import annotations
 
+import fnmatch
+import math
+import os
+import socket
 from pathlib import Path
 
 import lightning as L
 import pytest
 import timm
 import torch
-from conftest import StopAfterEpochs
+import torch.distributed as dist
+from conftest import TINY, ImageTensors, StopAfterEpochs, tiny_classifier
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from timm.optim import param_groups_layer_decay
-from torch.utils.data import DataLoader, TensorDataset
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from finetune.backbones.checkpoint import CheckpointMismatchError
 from finetune.module import FinetuneConfigError, ImageClassifier
+from finetune.optim import no_weight_decay_names
 
-TINY = dict(depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8)
-
-
-def tiny_classifier(**kwargs) -> ImageClassifier:
-    args = dict(model_name="irpe_deit_tiny_patch16_224", model_kwargs=TINY, num_classes=4, warmup_epochs=0)
-    return ImageClassifier(**{**args, **kwargs})
+SPVIT_TINY = dict(depth=2, sp_layers=1, embed_dim=64, num_heads=2, img_size=32)
 
 
 def lr_and_decay_by_param(groups: list[dict]) -> dict[str, tuple[float, float]]:
     return {name: (g["lr"], g["weight_decay"]) for g in groups for name in g["param_names"]}
-
-
-class ImageTensors(L.LightningDataModule):
-    """A few random images with fixed labels, exposing num_classes / class_names as datamodules do."""
-
-    def __init__(self, n: int = 12, num_classes: int = 4, batch_size: int = 5) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, 32, 32, generator=generator)
-        self.y = torch.arange(n) % num_classes
-        self.num_classes = num_classes
-        self.class_names = [f"class_{i}" for i in range(num_classes)]
-        self.batch_size = batch_size
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
 
 
 def fit(model: ImageClassifier, tmp_path: Path, epochs: int, **trainer_kwargs) -> L.Trainer:
@@ -76,6 +60,58 @@ def test_no_weight_decay_groups_hold_biases_norms_tokens_and_rpe_tables():
     assert by_param["blocks.0.attn.qkv.weight"][1] == 0.05
 
 
+@pytest.mark.parametrize(
+    ("model_name", "kwargs"),
+    [("irpe_deit_tiny_patch16_224", TINY), ("spvit_small_patch16_224", dict(SPVIT_TINY, num_classes=4))],
+)
+def test_weight_decay_by_module_and_name_agrees_with_timms_shape_rule_on_unwrapped_models(model_name, kwargs):
+    model = timm.create_model(model_name, **kwargs)
+    patterns = model.no_weight_decay()
+    by_shape = {
+        n
+        for n, p in model.named_parameters()
+        if p.ndim <= 1 or n.endswith(".bias") or any(fnmatch.fnmatch(n, pat) for pat in patterns)
+    }
+    assert set(no_weight_decay_names(model)) == by_shape
+
+
+def _fsdp_weight_decay_rank(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        module = tiny_classifier(weight_decay=0.5, layer_decay=0.5)
+        decayed = {n for g in module.param_groups() if g["weight_decay"] for n in g["param_names"]}
+        names = {p: n for n, p in module.model.named_parameters()}
+        block = type(module.model.blocks[0])
+        FSDP(
+            module.model,
+            use_orig_params=True,
+            device_id=torch.device("cpu"),
+            auto_wrap_policy=ModuleWrapPolicy({block}),
+        )
+        params = [p for g in module.param_groups() for p in g["params"]]
+        assert all(p.ndim == 1 for p in params)  # flattened shards: a shape rule would decay nothing
+        before = {p: p.detach().clone() for p in params}
+        optimizer = torch.optim.AdamW(module.param_groups(), lr=1.0)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()  # zero gradients: only weight decay moves a parameter, by a factor 1 - lr_scale * 0.5
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                factor = 1 - group["lr"] * 0.5 if names[p] in decayed else 1.0
+                torch.testing.assert_close(p.detach(), before[p] * factor, msg=names[p])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_weight_decay_survives_fsdp_flattening_on_two_cpu_processes():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_fsdp_weight_decay_rank, args=(port,), nprocs=2)
+
+
 def test_layer_decay_matches_timm_scales_baked_into_lr():
     model = tiny_classifier(lr=1.0, layer_decay=0.5)
     ours = lr_and_decay_by_param(model.param_groups())
@@ -102,20 +138,100 @@ def test_backbone_lr_scale_applies_to_every_non_head_parameter():
         assert lr == pytest.approx(2.0 if name.startswith("head.") else 0.2), name
 
 
-def test_warmup_then_cosine_schedule_is_stepped_per_iteration(tmp_path):
-    model = tiny_classifier(lr=1e-3, min_lr=1e-5, warmup_epochs=1)
-    seen: list[float] = []
+class RecordLr(L.Callback):
+    """The head's (the highest) lr at every training batch, and each batch's size."""
 
-    class Record(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.batch_sizes: list[int] = []
 
-    fit(model, tmp_path, epochs=3, callbacks=[Record()])
-    assert len(seen) == 9  # 12 images, batch 5: 3 steps per epoch
-    assert seen[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])  # linear warmup over the first epoch
-    assert seen[3] == pytest.approx(1e-3)
-    assert all(a > b for a, b in zip(seen[3:], seen[4:], strict=False))  # cosine decay afterwards
-    assert seen[-1] > 1e-5
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(max(g["lr"] for g in trainer.optimizers[0].param_groups))
+        self.batch_sizes.append(len(batch[0]))
+
+
+def timm_warmup_cosine(
+    step: int, lr: float, warmup_lr: float, min_lr: float, warmup: int, total: int
+) -> float:
+    """The lr timm's CosineLRScheduler(warmup_prefix=True) gives after ``step`` optimizer steps."""
+    if step < warmup:
+        return warmup_lr + step * (lr - warmup_lr) / warmup
+    progress = (step - warmup) / (total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def test_warmup_then_cosine_schedule_is_timms_stepped_per_optimizer_step(tmp_path):
+    model = tiny_classifier(lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=1)
+    record = RecordLr()
+    fit(model, tmp_path, epochs=3, callbacks=[record])
+    assert len(record.lrs) == 9  # 12 images, batch 5: 3 steps per epoch
+    assert model.schedule_sizing == (1e-3, 3, 9)
+    expected = [timm_warmup_cosine(t, 1e-3, 1e-6, 1e-5, 3, 9) for t in range(9)]
+    assert record.lrs == pytest.approx(expected)
+    assert record.lrs[0] == pytest.approx(1e-6) and record.lrs[3] == pytest.approx(1e-3)
+
+
+def test_lr_is_scaled_by_the_global_batch_and_the_layer_scales_follow(tmp_path):
+    # lr 1e-3 is stated for 20 images; this run steps on 5 x 2 accumulated = 10: the lr halves
+    model = tiny_classifier(lr=1e-3, base_batch_size=20, layer_decay=0.5)
+    record = RecordLr()
+    trainer = fit(model, tmp_path, epochs=1, callbacks=[record], accumulate_grad_batches=2)
+    assert model.effective_lr() == pytest.approx(5e-4)
+    assert record.lrs[0] == pytest.approx(5e-4)
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    assert groups["backbone_depth1"]["lr"] / groups["head_depth0"]["lr"] == pytest.approx(0.5)
+    assert groups["backbone_depth1"]["lr_scale"] == 0.5
+
+
+def test_batch_size_finder_resizes_the_schedule_to_the_loader_in_use(tmp_path):
+    model = tiny_classifier(lr=1e-3, min_lr=0.0, warmup_lr=0.0, warmup_epochs=1, base_batch_size=4)
+    data = ImageTensors(n=12, batch_size=6)
+    record = RecordLr()
+    finder = BatchSizeFinder(mode="power", init_val=2, max_trials=2, steps_per_trial=1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        num_sanity_val_steps=0,
+        callbacks=[finder, record],
+    )
+    trainer.fit(model, datamodule=data)
+    assert data.batch_size == finder.optimal_batch_size == 4  # 2, then 4 (two trials)
+    assert set(record.batch_sizes) == {4}
+    steps = 2 * 3  # 12 images in batches of 4, 2 epochs
+    assert trainer.global_step == steps
+    assert model.schedule_sizing == (1e-3, 3, steps)  # lr for 4 images: base_batch_size 4
+    assert record.lrs == pytest.approx(
+        [timm_warmup_cosine(t, 1e-3, 0.0, 0.0, 3, steps) for t in range(steps)]
+    )
+
+
+def test_lr_finder_choice_is_the_lr_the_run_uses(tmp_path):
+    model = tiny_classifier(lr=1e-3, warmup_epochs=0, base_batch_size=8)
+    record = RecordLr()
+    finder = LearningRateFinder(min_lr=1e-5, max_lr=1.0, num_training_steps=20, early_stop_threshold=None)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        num_sanity_val_steps=0,
+        callbacks=[finder, record],
+    )
+    trainer.fit(model, datamodule=ImageTensors(n=48, batch_size=4))
+    found = finder.optimal_lr.suggestion()
+    assert found is not None and not math.isclose(found, 1e-3 * 4 / 8)
+    steps = 2 * 12
+    assert record.lrs[0] == pytest.approx(found)  # step 0 of the run, not the finder's last lr
+    assert record.lrs[1:] == pytest.approx(
+        [timm_warmup_cosine(t, found, 0, 1e-6, 0, steps) for t in range(1, steps)]
+    )
+    assert model.hparams.lr == pytest.approx(found * 8 / 4)  # restated per base_batch_size
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -271,3 +387,15 @@ def test_num_classes_mismatch_with_the_data_is_one_clear_error(tmp_path):
 def test_freeze_then_unfreeze_needs_an_unfreeze_epoch():
     with pytest.raises(FinetuneConfigError, match="unfreeze_epoch >= 1"):
         tiny_classifier(finetune_strategy="freeze_then_unfreeze")
+
+
+def test_flip_tta_averages_the_image_and_its_mirror_for_test_and_predict():
+    model = tiny_classifier(tta="flip").eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = (model.model(x) + model.model(x.flip(-1))) / 2
+        logits, _ = model._eval_outputs(x, tta=True, embeddings=False)
+        torch.testing.assert_close(logits, expected)
+        torch.testing.assert_close(model.predict_step((x,), 0)["logits"], expected)
+        plain, _ = model._eval_outputs(x, tta=False, embeddings=False)  # validation: no TTA
+        torch.testing.assert_close(plain, model.model(x))
