@@ -7,6 +7,7 @@ files live here.
 
 from __future__ import annotations
 
+import copy as _copy
 import ctypes
 import logging
 import math
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset
 
 from .transforms import load_rgb
 
-__all__ = ["BadImageRegistry", "ImageListDataset", "OnDiskDataset", "Sample", "TooManyBadImagesError", "stratified_split"]
+__all__ = ["BadImageRegistry", "ImageListDataset", "OnDiskDataset", "Sample", "TooManyBadImagesError", "stratified_folds", "stratified_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +167,19 @@ class ImageListDataset(Dataset):
     def subset(
         self, indices: Sequence[int], transform: Callable[[np.ndarray], Any] | None = None
     ) -> ImageListDataset:
-        """The samples at ``indices`` with another transform, sharing this dataset's bad-image budget."""
-        return ImageListDataset([self.samples[i] for i in indices], self.classes, transform, self.bad_images)
+        """The samples at ``indices`` with another transform, sharing this dataset's bad-image budget
+        (and whatever else the dataset reads images from: the copy has the same type)."""
+        subset = self.with_transform(transform)
+        subset.samples = [self.samples[i] for i in indices]
+        return subset
+
+    def with_transform(self, transform: Callable[[np.ndarray], Any] | None) -> ImageListDataset:
+        """A shallow copy of this dataset with another transform (same samples, same bad-image budget)."""
+        copy = _copy.copy(self)
+        copy.transform = transform
+        copy._known_bad = set()
+        copy._by_class = None
+        return copy
 
     def reseed(self, seed: int) -> None:
         """Reseed the transform's random generators when it has any (used per DataLoader worker)."""
@@ -200,6 +212,31 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int = 0) -> t
     train_mask = np.ones(len(labels_arr), dtype=bool)
     train_mask[val_idx] = False
     return np.flatnonzero(train_mask).tolist(), val_idx.tolist()
+
+
+def stratified_folds(labels: Sequence[int], num_folds: int, fold: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Split indices into (train, val) for fold ``fold`` of a stratified ``num_folds``-fold partition.
+
+    Each class is shuffled (seeded) and dealt round-robin to the folds, starting where the previous
+    class stopped, so fold sizes differ by at most one and every fold holds about ``1/num_folds`` of
+    every class. The ``num_folds`` val parts are disjoint and together cover every index once.
+    """
+    if num_folds < 2:
+        raise ValueError(f"num_folds={num_folds}: expected at least 2")
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold={fold}: expected 0..{num_folds - 1} (num_folds={num_folds})")
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    order = np.argsort(labels_arr, kind="stable")
+    _, starts = np.unique(labels_arr[order], return_index=True)
+    assignment = np.empty(len(labels_arr), dtype=np.int64)
+    dealt = 0
+    for begin, end in zip(starts, [*starts[1:], len(order)], strict=True):
+        members = rng.permutation(order[begin:end])
+        assignment[members] = (dealt + np.arange(len(members))) % num_folds
+        dealt += len(members)
+    in_fold = assignment == fold
+    return np.flatnonzero(~in_fold).tolist(), np.flatnonzero(in_fold).tolist()
 
 
 class OnDiskDataset(ImageListDataset):

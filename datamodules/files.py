@@ -17,6 +17,7 @@ import scipy.io
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "DataError",
     "check_files_exist",
     "check_label",
     "list_images",
@@ -28,6 +29,11 @@ __all__ = [
     "string",
     "struct_fields",
 ]
+
+class DataError(ValueError):
+    """Bad dataset input (a malformed annotation, an unknown label, a bad split or fold setting):
+    the message is one line naming the file, key or value, and what was expected."""
+
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 

@@ -44,6 +44,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules import DataError
+
 from .backbones.checkpoint import CheckpointMismatchError
 from .hub import ExportError, HubError, PushToHubCallback
 from .module import FinetuneConfigError, ImageClassifier
@@ -479,10 +481,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointMismatchError,
         ExportError,
         HubError,
+        DataError,
         FileNotFoundError,
         NotADirectoryError,
     ) as e:
         return _fail(_one_line(e))
+    except ValueError as e:  # jsonargparse wraps what a datamodule's constructor raises
+        cause = _data_error_cause(e)
+        if cause is None:
+            raise
+        return _fail(_one_line(cause))
     except ArgumentError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         return _fail(f"{detail[:400]} (see --help)")
@@ -508,6 +516,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         raise
     return 0
+
+
+def _data_error_cause(error: BaseException) -> DataError | None:
+    while error is not None and not isinstance(error, DataError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _fail(message: str) -> int:

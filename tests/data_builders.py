@@ -1,4 +1,5 @@
-"""Small datasets in the real on-disk layouts of CUB-200-2011, Stanford Cars and ImageNet.
+"""Small datasets in the real on-disk layouts of CUB-200-2011, Stanford Cars and ImageNet, and in the
+generic formats: class folders, CSV lists, and parquet files written by Hugging Face ``datasets``.
 
 Every builder writes real JPEG files and real annotation files (text, CSV, and MATLAB .mat files
 written with ``scipy.io.savemat`` in the struct-array layout of the official devkits) and returns a
@@ -8,6 +9,7 @@ background with a white rectangle on the annotated box, which makes a bounding-b
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +20,14 @@ from PIL import Image
 
 __all__ = [
     "CARS_CLASSES",
+    "GENERIC_CLASSES",
     "IMAGENET_CLASSES",
     "BuiltDataset",
     "build_cars",
+    "build_csv",
     "build_cub",
+    "build_hf_parquet",
+    "build_image_folder",
     "build_imagenet",
     "make_tgz",
     "truncate_file",
@@ -264,4 +270,72 @@ def build_imagenet(root: Path, layout: str = "folder", train_per_class: int = 2,
         data.mkdir(parents=True)
         scipy.io.savemat(data / "meta.mat", {"synsets": _matlab_struct(synsets)})
         (data / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(str(ids[w]) for w in val_wnids) + "\n")
+    return built
+
+
+# -- generic formats ------------------------------------------------------------------------------
+
+GENERIC_CLASSES = ["cat", "dog", "owl"]
+
+
+def _generic_images(root: Path, split: str, per_class: int, folders: bool) -> list[tuple[str, int]]:
+    """``per_class`` JPEGs of each generic class under ``root`` (in class folders when ``folders``)."""
+    written = []
+    for label, name in enumerate(GENERIC_CLASSES):
+        for k in range(per_class):
+            relative = f"{name}/{split}_{k}.jpg" if folders else f"images/{split}_{name}_{k}.jpg"
+            path = write_image(root / relative, (4 + 8 * label, 4, 20 + 8 * label, 20), _mode(k + label))
+            written.append((str(path), label))
+    return written
+
+
+def build_image_folder(root: Path, splits: tuple[str, ...] = ("train", "val"), per_class: int = 4) -> BuiltDataset:
+    """Class folders: ``root/<split>/<class>/*.jpg`` for each of ``splits``, or ``root/<class>/*.jpg``
+    when ``splits`` is empty."""
+    built = BuiltDataset(root, list(GENERIC_CLASSES))
+    for split in splits or ("all",):
+        built.splits[split] = _generic_images(root / split if splits else root, split, per_class, folders=True)
+    return built
+
+
+def build_csv(
+    root: Path, splits: tuple[str, ...] = ("train", "val"), per_class: int = 4, label_ids: bool = False, boxes: bool = False
+) -> BuiltDataset:
+    """``root/<split>.csv`` (header ``path,label`` [``,x1,y1,x2,y2``]) and ``root/images/*.jpg``;
+    labels are class names, or 0-based ids with ``label_ids``."""
+    built = BuiltDataset(root, [str(i) for i in range(3)] if label_ids else list(GENERIC_CLASSES))
+    for split in splits:
+        images = _generic_images(root, split, per_class, folders=False)
+        built.splits[split] = images
+        lines = ["path,label" + (",x1,y1,x2,y2" if boxes else "")]
+        for path, label in images:
+            box = (4 + 8 * label, 4, 20 + 8 * label, 20)
+            built.boxes[path] = box
+            row = f"{Path(path).relative_to(root)},{label if label_ids else GENERIC_CLASSES[label]}"
+            lines.append(row + ("," + ",".join(map(str, box)) if boxes else ""))
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return built
+
+
+def build_hf_parquet(
+    root: Path, splits: tuple[str, ...] = ("train", "validation"), per_class: int = 4, image_column: str = "image"
+) -> BuiltDataset:
+    """A Hub-style parquet dataset written by ``datasets`` itself: ``root/data/<split>-00000-of-00001.parquet``
+    with an ``Image`` column holding JPEG bytes and a ``ClassLabel`` column ``label``. ``splits[s]`` lists
+    ``(f"{root}[{s}][{row}]", label)``."""
+    import datasets  # optional dependency: imported by the tests that build this format
+
+    features = datasets.Features({image_column: datasets.Image(), "label": datasets.ClassLabel(names=GENERIC_CLASSES)})
+    built = BuiltDataset(root, list(GENERIC_CLASSES))
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        images, labels = [], []
+        staging = root / ".staging" / split
+        for path, label in _generic_images(staging, split, per_class, folders=True):
+            images.append({"bytes": Path(path).read_bytes(), "path": None})
+            labels.append(label)
+        table = datasets.Dataset.from_dict({image_column: images, "label": labels}, features=features)
+        table.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+        built.splits[split] = [(f"{root}[{split}][{row}]", label) for row, label in enumerate(labels)]
+    shutil.rmtree(root / ".staging")
     return built
