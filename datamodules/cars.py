@@ -27,6 +27,7 @@ import numpy as np
 from .base import ImageClassificationDataModule
 from .dataset import BadImageRegistry, OnDiskDataset, Sample
 from .files import (
+    DataError,
     check_files_exist,
     check_label,
     list_images_in_subdirs,
@@ -48,10 +49,10 @@ _Records = tuple[list[tuple[str, int, tuple[float, float, float, float]]], Path]
 def _mat_strings(path: Path, key: str) -> list[str]:
     mat = load_mat(path)
     if key not in mat:
-        raise ValueError(f"{path}: no variable {key!r}")
+        raise DataError(f"{path}: no variable {key!r}")
     values = [v.item() if isinstance(v, np.ndarray) and v.size == 1 else v for v in np.atleast_1d(mat[key])]
     if not values or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{path}: {key!r} must be a cell array of strings")
+        raise DataError(f"{path}: {key!r} must be a cell array of strings")
     return values
 
 
@@ -110,7 +111,7 @@ def _car_ims_records(root: Path, split: str) -> _Records:
         zip(fields["relative_im_path"], fields["class"], fields["test"], strict=True)
     ):
         if test not in (0, 1):
-            raise ValueError(f"{annotations}: annotations[{i}].test = {test}, expected 0 (train) or 1 (test)")
+            raise DataError(f"{annotations}: annotations[{i}].test = {test}, expected 0 (train) or 1 (test)")
         if test == wanted:
             records.append((os.path.join(root, relative_path), label, _box(fields, i)))
     return records, annotations
@@ -139,7 +140,7 @@ def _csv_records(root: Path, split: str) -> _Records:
         for name in names:
             path = os.path.join(image_dir, class_dir, name)
             if located.setdefault(name, path) != path:
-                raise ValueError(f"{image_dir}: image name {name} occurs in two class folders: {located[name]}, {path}")
+                raise DataError(f"{image_dir}: image name {name} occurs in two class folders: {located[name]}, {path}")
     missing = [name for name, *_ in rows if name not in located]
     if missing:
         raise FileNotFoundError(
@@ -184,7 +185,7 @@ class StanfordCars(OnDiskDataset):
         for path, class_id, (x1, y1, x2, y2) in records:
             label = check_label(class_id, len(classes), annotations, os.path.basename(path))
             if crop_to_bbox and not (x2 >= x1 and y2 >= y1):
-                raise ValueError(f"{annotations}: {os.path.basename(path)} has box {(x1, y1, x2, y2)}, expected x1 <= x2, y1 <= y2")
+                raise DataError(f"{annotations}: {os.path.basename(path)} has box {(x1, y1, x2, y2)}, expected x1 <= x2, y1 <= y2")
             box = (x1 - 1, y1 - 1, x2, y2) if crop_to_bbox else None
             samples.append(Sample(path, label, box))
         check_files_exist((s.path for s in samples), annotations)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from .base import ImageClassificationDataModule
 from .dataset import BadImageRegistry, OnDiskDataset, Sample
 from .download import download_and_extract
-from .files import check_files_exist, check_label, read_rows
+from .files import DataError, check_files_exist, check_label, read_rows
 
 __all__ = ["CUB200", "CUB200DataModule"]
 
@@ -52,16 +52,16 @@ class CUB200(OnDiskDataset):
         for image_id, relative_path in images:
             flag = flags.get(image_id)
             if flag not in (0, 1):
-                raise ValueError(f"{split_file}: image id {image_id} has flag {flag!r}, expected 1 (train) or 0 (test)")
+                raise DataError(f"{split_file}: image id {image_id} has flag {flag!r}, expected 1 (train) or 0 (test)")
             if flag != wanted_flag:
                 continue
             if image_id not in labels:
-                raise ValueError(f"{labels_file}: no class for image id {image_id}")
+                raise DataError(f"{labels_file}: no class for image id {image_id}")
             label = check_label(labels[image_id], len(classes), labels_file, f"image id {image_id}")
             box = None
             if crop_to_bbox:
                 if image_id not in boxes:
-                    raise ValueError(f"{folder / 'bounding_boxes.txt'}: no box for image id {image_id}")
+                    raise DataError(f"{folder / 'bounding_boxes.txt'}: no box for image id {image_id}")
                 box = boxes[image_id]
             samples.append(Sample(os.path.join(image_dir, relative_path), label, box))
         check_files_exist((s.path for s in samples), folder / "images.txt")
@@ -82,7 +82,7 @@ class CUB200(OnDiskDataset):
         rows = read_rows(path, (int, str))
         ids = [class_id for class_id, _ in rows]
         if ids != list(range(1, len(rows) + 1)):
-            raise ValueError(f"{path}: class ids must run 1..{len(rows)} in order, got {ids[:5]}...")
+            raise DataError(f"{path}: class ids must run 1..{len(rows)} in order, got {ids[:5]}...")
         return [_CLASS_PREFIX.sub("", name) for _, name in rows]
 
     @staticmethod
@@ -90,7 +90,7 @@ class CUB200(OnDiskDataset):
         boxes = {}
         for image_id, x, y, w, h in read_rows(path, (int, float, float, float, float)):
             if w <= 0 or h <= 0:
-                raise ValueError(f"{path}: image id {image_id} has box size {w} x {h}, expected positive")
+                raise DataError(f"{path}: image id {image_id} has box size {w} x {h}, expected positive")
             boxes[image_id] = (x, y, x + w, y + h)
         return boxes
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_fit_args
-from data_builders import GENERIC_CLASSES, build_csv, build_hf_parquet, build_image_folder
+from data_builders import GENERIC_CLASSES, build_csv, build_cub, build_hf_parquet, build_image_folder
 
 from datamodules import (
     CSVDataModule,
@@ -276,3 +276,12 @@ def test_fold_settings_are_checked_at_construction() -> None:
         ImageFolderDataModule("/nowhere", num_folds=1)
     with pytest.raises(DataError, match="set only one"):
         ImageFolderDataModule("/nowhere", num_folds=3, val_split=0.1)
+
+
+def test_annotation_errors_of_the_published_datasets_are_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    built = build_cub(tmp_path / "cub")
+    labels = built.root / "image_class_labels.txt"
+    labels.write_text(labels.read_text().replace("1 1\n", "1 9\n", 1))
+    assert main(["fit", *tiny_fit_args(tmp_path / "cub", tmp_path / "run", epochs=1)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "image_class_labels.txt: image id 1 has class 9, expected 1..3" in errors[0]
