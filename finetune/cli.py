@@ -60,6 +60,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "push": "finetune.hub:push_main",
     "convert": "finetune.hub:convert_main",
     "visualize": "finetune.visualize:main",
+    "kfold": "finetune.kfold:main",
 }
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

@@ -3,6 +3,7 @@ built in each real format (parquet written by ``datasets`` itself), through the 
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -285,3 +286,29 @@ def test_annotation_errors_of_the_published_datasets_are_one_line_exit_2(tmp_pat
     assert main(["fit", *tiny_fit_args(tmp_path / "cub", tmp_path / "run", epochs=1)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "image_class_labels.txt: image id 1 has class 9, expected 1..3" in errors[0]
+
+
+def test_kfold_command_runs_every_fold_and_prints_mean_and_std(tmp_path: Path, capsys) -> None:
+    build_image_folder(tmp_path / "data", ("train", "test"), per_class=3)
+    run_dir = tmp_path / "kfold"
+    args = tiny_fit_args(tmp_path / "data", tmp_path / "ignored", epochs=1, datamodule="datamodules.ImageFolderDataModule")
+    assert main(["kfold", "--folds", "3", *args, "--run_dir", str(run_dir)]) == 0
+    results = [
+        torch.load(run_dir / f"fold{k}" / "checkpoints" / "last.ckpt", weights_only=True)["finetune"]["metrics"]
+        for k in range(3)
+    ]
+    out = capsys.readouterr().out
+    assert "3-fold cross-validation" in out and "mean +- std" in out
+    with open(run_dir / "kfold.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["fold", "epoch", "top1", "top5", "mean_class_acc"]
+    assert [float(v) for v in rows[1][2:]] == pytest.approx([results[0][m] for m in ("top1", "top5", "mean_class_acc")])
+    top1 = [r["top1"] for r in results]
+    assert float(rows[4][2]) == pytest.approx(np.mean(top1)) and float(rows[5][2]) == pytest.approx(np.std(top1, ddof=1))
+    assert not (tmp_path / "ignored").exists()
+
+
+def test_kfold_command_stops_at_the_first_failing_fold(tmp_path: Path, capsys) -> None:
+    args = tiny_fit_args(tmp_path / "missing", tmp_path / "run", epochs=1, datamodule="datamodules.ImageFolderDataModule")
+    assert main(["kfold", "--folds", "3", *args]) == 2
+    assert "image folder not found" in capsys.readouterr().err
