@@ -64,7 +64,8 @@ BENCHMARKS = [
     Benchmark("attention_profile", "benchmarks.attention_profile", "attention_profile", [],
               ["--batch-size", "2", "--steps", "1"]),
     Benchmark("data_pipeline", "benchmarks.data_pipeline", "data_pipeline", [],
-              ["--workers", "0", "1", "--seconds", "0.5", "--num-images", "8", "--batch-size", "4"],
+              ["--workers", "0", "1", "--seconds", "0.5", "--num-images", "8", "--batch-size", "4",
+               "--index-samples", "100000"],
               out_flag="--out"),
     Benchmark("resolution", "benchmarks.resolution", "resolution", [], ["--quick"]),
 ]

@@ -552,3 +552,29 @@ def test_invalid_constructor_values_are_rejected() -> None:
         CUB200DataModule("/nowhere", crop_pct=0)
     with pytest.raises(ValueError, match="max_bad_images=-1"):
         CUB200DataModule("/nowhere", max_bad_images=-1)
+
+
+# -- the compact sample index ---------------------------------------------------------------------
+
+
+def test_sample_array_gives_back_every_sample_and_subsets_share_the_names() -> None:
+    from datamodules import SampleArray
+
+    samples = [
+        Sample("/data/train/n01/a.JPEG", 0),
+        Sample("/data/train/n01/bé.JPEG", 0, (1.5, 2.0, 30.0, 40.25)),
+        Sample("/data/train/n02/" + os.fsdecode(b"\xff-not-utf8.jpg"), 1),
+        Sample("relative/c.png", 7),
+    ]
+    array = SampleArray(samples)
+    assert list(array) == samples and len(array) == 4
+    assert array[-1] == samples[-1] and array[1].box == (1.5, 2.0, 30.0, 40.25)
+    assert list(array[1:3]) == samples[1:3]
+    taken = array.take([3, 0, 2])
+    assert list(taken) == [samples[3], samples[0], samples[2]]
+    assert taken.name_bytes is array.name_bytes and taken.labels.tolist() == [7, 0, 1]
+    with pytest.raises(IndexError):
+        array[4]
+    assert list(SampleArray([])) == [] and SampleArray(samples[:1]).boxes is None
+    dataset = ImageListDataset(samples, [str(c) for c in range(8)])
+    assert dataset.targets == [0, 0, 1, 7] and list(dataset.subset([1]).samples) == [samples[1]]
