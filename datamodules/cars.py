@@ -1,6 +1,7 @@
 """Stanford Cars (Krause et al., 2013): 196 classes, 8,144 train / 8,041 test images.
 
-The dataset circulates in three layouts, detected from their marker file (see ``docs/datasets.md``):
+The dataset circulates in three layouts, detected from their marker file in ``root`` or in
+``root/stanford_cars`` (torchvision's place for the devkit layout; see ``docs/datasets.md``):
 
 - ``devkit``: ``cars_train/``, ``cars_test/``, ``devkit/cars_meta.mat`` (``class_names``),
   ``devkit/cars_train_annos.mat`` and ``cars_test_annos_withlabels.mat`` (at the root or in
@@ -165,9 +166,11 @@ _LAYOUTS = (
 
 
 class StanfordCars(OnDiskDataset):
-    """Stanford Cars in any of its three published layouts (see the module docstring)."""
+    """Stanford Cars in any of its three published layouts (see the module docstring), in ``root`` or
+    in ``root/stanford_cars`` (where torchvision's ``StanfordCars(root)`` expects the devkit layout)."""
 
     splits = ("train", "test")
+    base_folder = "stanford_cars"
 
     def __init__(
         self,
@@ -178,9 +181,9 @@ class StanfordCars(OnDiskDataset):
         bad_images: BadImageRegistry | None = None,
     ) -> None:
         self.check_split(split)
-        self.layout = self.detect_layout(root)
-        classes = self.layout.classes(Path(root))
-        records, annotations = self.layout.records(Path(root), split)
+        folder, self.layout = self.find_layout(root)
+        classes = self.layout.classes(folder)
+        records, annotations = self.layout.records(folder, split)
         samples = []
         for path, class_id, (x1, y1, x2, y2) in records:
             label = check_label(class_id, len(classes), annotations, os.path.basename(path))
@@ -191,17 +194,20 @@ class StanfordCars(OnDiskDataset):
         check_files_exist((s.path for s in samples), annotations)
         super().__init__(samples, classes, transform, bad_images)
 
-    @staticmethod
-    def detect_layout(root: str | os.PathLike[str]) -> _Layout:
-        for layout in _LAYOUTS:
-            if (Path(root) / layout.marker).is_file():
-                return layout
+    @classmethod
+    def find_layout(cls, root: str | os.PathLike[str]) -> tuple[Path, _Layout]:
+        """The folder holding a layout's marker (``root`` or ``root/stanford_cars``) and that layout."""
+        for folder in (Path(root), Path(root) / cls.base_folder):
+            for layout in _LAYOUTS:
+                if (folder / layout.marker).is_file():
+                    return folder, layout
         looked = "; ".join(f"{layout.marker} ({layout.name} layout)" for layout in _LAYOUTS)
-        raise FileNotFoundError(f"no Stanford Cars layout found in {root}: looked for {looked}")
+        raise FileNotFoundError(f"no Stanford Cars layout found in {root} or {Path(root) / cls.base_folder}: looked for {looked}")
 
     @classmethod
     def read_class_names(cls, root: str | os.PathLike[str]) -> list[str]:
-        return cls.detect_layout(root).classes(Path(root))
+        folder, layout = cls.find_layout(root)
+        return layout.classes(folder)
 
 
 class StanfordCarsDataModule(ImageClassificationDataModule):

@@ -20,7 +20,7 @@ from .base import ImageClassificationDataModule
 from .dataset import BadImageRegistry, ImageListDataset, Sample
 from .files import IMAGE_EXTENSIONS, DataError, list_images_in_subdirs
 
-__all__ = ["ImageFolderDataModule", "read_image_folder"]
+__all__ = ["ImageFolderDataModule", "image_folder_samples", "read_image_folder"]
 
 VAL_FOLDERS = ("val", "validation", "valid")
 
@@ -31,7 +31,13 @@ def _class_folders(directory: Path) -> list[str]:
 
 
 def read_image_folder(directory: Path, classes: list[str] | None, bad_images: BadImageRegistry) -> ImageListDataset:
-    """The images of ``directory/<class>/``; ``classes`` (label order) defaults to the folders found.
+    """The images of ``directory/<class>/``; ``classes`` (label order) defaults to the folders found."""
+    samples, classes = image_folder_samples(directory, classes)
+    return ImageListDataset(samples, classes, bad_images=bad_images)
+
+
+def image_folder_samples(directory: Path, classes: list[str] | None) -> tuple[list[Sample], list[str]]:
+    """(samples, classes) of ``directory/<class>/*``; ``classes`` (label order) defaults to the folders found.
 
     Raises :class:`DataError` for an empty class folder or a class folder not among ``classes``.
     """
@@ -61,7 +67,7 @@ def read_image_folder(directory: Path, classes: list[str] | None, bad_images: Ba
             )
         prefix, label = os.path.join(directory, folder, ""), index[folder]
         samples.extend(Sample(prefix + name, label) for name in names)
-    return ImageListDataset(samples, classes, bad_images=bad_images)
+    return samples, classes
 
 
 class ImageFolderDataModule(ImageClassificationDataModule):

@@ -20,6 +20,8 @@ from PIL import Image
 
 __all__ = [
     "CARS_CLASSES",
+    "CARS_LAYOUTS",
+    "CUB_LAYOUTS",
     "GENERIC_CLASSES",
     "IMAGENET_CLASSES",
     "BuiltDataset",
@@ -123,8 +125,33 @@ def _cell(strings: list[str]) -> np.ndarray:
 # -- CUB-200-2011 ---------------------------------------------------------------------------------
 
 
-def build_cub(parent: Path, num_classes: int = 3, train_per_class: int = 3, test_per_class: int = 2) -> BuiltDataset:
-    """``parent/CUB_200_2011`` with the five text files and ``images/NNN.Name/*.jpg``."""
+CUB_LAYOUTS = ("official", "nested", "class_folders")
+
+
+def build_cub(
+    parent: Path, num_classes: int = 3, train_per_class: int = 3, test_per_class: int = 2, layout: str = "official"
+) -> BuiltDataset:
+    """``parent/CUB_200_2011`` with the five text files and ``images/NNN.Name/*.jpg`` (``official``);
+    the same one level deeper, ``parent/CUB_200_2011/CUB_200_2011`` (``nested``, as zip mirrors
+    extract); or ``parent/CUB_200_2011/{train,test}/NNN.Name/*.jpg`` without text files
+    (``class_folders``, as mirrors that pre-split the images ship it)."""
+    if layout not in CUB_LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {CUB_LAYOUTS}")
+    if layout == "nested":
+        return build_cub(parent / "CUB_200_2011", num_classes, train_per_class, test_per_class)
+    if layout == "class_folders":
+        built = build_cub(parent, num_classes, train_per_class, test_per_class)
+        moved: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+        for split, samples in built.splits.items():
+            for path, label in samples:
+                target = built.root / split / Path(path).parent.name / Path(path).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Path(path).rename(target)
+                moved[split].append((str(target), label))
+        shutil.rmtree(built.root / "images")
+        for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt", "classes.txt"):
+            (built.root / name).unlink()
+        return BuiltDataset(built.root, built.class_names, moved)
     rng = np.random.default_rng(0)
     folder = parent / "CUB_200_2011"
     classes = CUB_CLASSES[:num_classes]
@@ -159,14 +186,19 @@ def build_cub(parent: Path, num_classes: int = 3, train_per_class: int = 3, test
 
 # -- Stanford Cars --------------------------------------------------------------------------------
 
-CARS_LAYOUTS = ("devkit", "devkit_test_at_root", "car_ims", "csv")
+CARS_LAYOUTS = ("devkit", "devkit_test_at_root", "car_ims", "csv", "torchvision")
 
 
 def build_cars(root: Path, layout: str = "devkit", train_per_class: int = 2, test_per_class: int = 2) -> BuiltDataset:
     """Stanford Cars in one of :data:`CARS_LAYOUTS` (``devkit_test_at_root``: the devkit layout with
-    ``cars_test_annos_withlabels.mat`` beside ``devkit/`` instead of in it)."""
+    ``cars_test_annos_withlabels.mat`` beside ``devkit/`` instead of in it; ``torchvision``: that
+    layout in ``root/stanford_cars``, where torchvision's ``StanfordCars(root)`` reads it)."""
     if layout not in CARS_LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {CARS_LAYOUTS}")
+    if layout == "torchvision":
+        built = build_cars(root / "stanford_cars", "devkit_test_at_root", train_per_class, test_per_class)
+        built.root = root
+        return built
     rng = np.random.default_rng(1)
     built = BuiltDataset(root, list(CARS_CLASSES), {"train": [], "test": []})
     entries: dict[str, list[dict[str, object]]] = {"train": [], "test": []}

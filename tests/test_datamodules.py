@@ -18,6 +18,7 @@ import torch
 from data_builders import (  # tests/ is on sys.path (pytest prepends it)
     BACKGROUND,
     CARS_LAYOUTS,
+    CUB_LAYOUTS,
     IMAGENET_LAYOUTS,
     build_cars,
     build_cub,
@@ -33,6 +34,7 @@ from PIL import Image
 from datamodules import (
     CUB200,
     CUB200DataModule,
+    DataError,
     ImageDecodeError,
     ImageListDataset,
     ImageNet,
@@ -259,6 +261,23 @@ def test_cub_bad_annotations_fail_at_setup_naming_the_file(tmp_path: Path, damag
     dm = CUB200DataModule(str(built.root), crop_to_bbox=True, **SMALL)
     with pytest.raises(error, match=message):
         dm.setup("fit")
+
+
+@pytest.mark.parametrize("layout", CUB_LAYOUTS)
+def test_cub_mirror_layouts_are_detected(tmp_path: Path, layout: str) -> None:
+    built = build_cub(tmp_path, layout=layout)
+    dm = CUB200DataModule(str(tmp_path), **SMALL)  # the parent of everything, whatever the mirror
+    assert dm.class_names == built.class_names
+    dm.setup()
+    assert pairs(dm.train_dataset) == built.splits["train"]
+    assert pairs(dm.test_dataset) == built.splits["test"]
+    assert dm.train_dataset[0][0].shape == (3, 32, 32)
+
+
+def test_cub_class_folders_have_no_boxes_to_crop_to(tmp_path: Path) -> None:
+    build_cub(tmp_path, layout="class_folders")
+    with pytest.raises(DataError, match="crop_to_bbox=True: .* holds CUB in class folders"):
+        CUB200DataModule(str(tmp_path), crop_to_bbox=True, **SMALL).setup("fit")
 
 
 def test_cub_missing_root_says_where_it_looked(tmp_path: Path) -> None:
