@@ -23,6 +23,7 @@ from .files import DataError
 from .folder import ImageFolderDataModule
 from .hf_datasets import HFDataModule
 from .imagenet import ImageNet, ImageNetDataModule
+from .shards import ShardDataModule, ShardStream, write_shards
 from .transforms import ImageDecodeError, build_eval_transform, build_train_transform, decode_rgb, load_rgb
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "ImageNetDataModule",
     "Sample",
     "SampleArray",
+    "ShardDataModule",
+    "ShardStream",
     "StanfordCars",
     "StanfordCarsDataModule",
     "TooManyBadImagesError",
@@ -49,4 +52,5 @@ __all__ = [
     "load_rgb",
     "stratified_folds",
     "stratified_split",
+    "write_shards",
 ]

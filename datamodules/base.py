@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .dataset import BadImageRegistry, ImageListDataset, OnDiskDataset, stratified_folds, stratified_split
 from .files import DataError
@@ -28,7 +28,7 @@ def _init_worker(worker_id: int) -> None:
     # count is left alone: cv2.setNumThreads in a forked child can deadlock on the thread pool
     # inherited from the parent.
     info = get_worker_info()
-    if info is not None and isinstance(info.dataset, ImageListDataset):
+    if info is not None and hasattr(info.dataset, "reseed"):  # ImageListDataset, ShardStream
         info.dataset.reseed(info.seed)
 
 
@@ -221,7 +221,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and not isinstance(dataset, IterableDataset),  # a stream shuffles itself
             # a train set smaller than one batch would otherwise give empty epochs
             drop_last=train and len(dataset) >= self.batch_size,
             num_workers=workers,

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, overload
 import numpy as np
 from torch.utils.data import Dataset
 
-from .transforms import load_rgb
+from .transforms import decode_rgb
 
 __all__ = [
     "BadImageRegistry",
@@ -172,7 +172,7 @@ class BadImageRegistry:
             )
 
 
-def _crop(image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+def crop_to_box(image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
     height, width = image.shape[:2]
     x1 = min(max(math.floor(box[0]), 0), width - 1)
     y1 = min(max(math.floor(box[1]), 0), height - 1)
@@ -210,11 +210,16 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def encoded_image(self, index: int) -> bytes:
+        """The encoded image file of sample ``index``, as stored (what shards are written from)."""
+        with open(self.samples[index].path, "rb") as f:
+            return f.read()
+
     def load_image(self, index: int) -> np.ndarray:
         """The decoded RGB image of sample ``index``, cropped to its box when it has one."""
         sample = self.samples[index]
-        image = load_rgb(sample.path)
-        return image if sample.box is None else _crop(image, sample.box)
+        image = decode_rgb(self.encoded_image(index), sample.path)
+        return image if sample.box is None else crop_to_box(image, sample.box)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         current = index

@@ -25,7 +25,6 @@ import numpy as np
 from .base import ImageClassificationDataModule
 from .dataset import BadImageRegistry, ImageListDataset, Sample
 from .files import DataError
-from .transforms import decode_rgb
 
 __all__ = ["HFDataModule", "HFImageDataset"]
 
@@ -50,7 +49,7 @@ class HFImageDataset(ImageListDataset):
         self.table = table.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
         self.image_column = image_column
 
-    def load_image(self, index: int) -> np.ndarray:
+    def encoded_image(self, index: int) -> bytes:
         sample = self.samples[index]
         row = int(sample.path.rsplit("[", 1)[1].rstrip("]"))
         cell = self.table[row][self.image_column]
@@ -63,7 +62,7 @@ class HFImageDataset(ImageListDataset):
                 raise OSError(f"{sample.path}: the image cell has neither bytes nor a path")
             with open(path, "rb") as f:
                 data = f.read()
-        return decode_rgb(data, sample.path)
+        return data
 
 
 class HFDataModule(ImageClassificationDataModule):

@@ -61,6 +61,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "convert": "finetune.hub:convert_main",
     "visualize": "finetune.visualize:main",
     "kfold": "finetune.kfold:main",
+    "shards": "datamodules.shards:main",
 }
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
