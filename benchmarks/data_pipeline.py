@@ -8,8 +8,8 @@ Generates CUB-sized JPEGs (500 x 375) into a temporary folder, then measures
 - decode + transform through a DataLoader for each worker count, train and eval transforms
   (``workers = 0`` is the main process alone);
 - the same JPEGs read through each dataset format (class folders, a CSV list, parquet written by
-  Hugging Face ``datasets``), decode + eval transform in this process, as images per CPU second and
-  as a ratio to the folder;
+  Hugging Face ``datasets``, WebDataset tar shards), decode + eval transform in this process, as
+  images per CPU second and as a ratio to the folder;
 - an ImageNet-sized index (1,281,167 samples by default): its size, and the private memory a forked
   worker adds by reading every sample once, for a Python list of ``Sample`` tuples (what the datasets
   held before) against :class:`datamodules.SampleArray`.
@@ -48,11 +48,14 @@ from datamodules import (
     ImageListDataset,
     Sample,
     SampleArray,
+    ShardStream,
     build_eval_transform,
     build_train_transform,
     load_rgb,
+    write_shards,
 )
 from datamodules.folder import read_image_folder
+from datamodules.shards import read_manifest
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -143,7 +146,9 @@ def run(workers: list[int], img_size: int, seconds: float, num_images: int, batc
                 )
         transform = build_eval_transform(img_size)
         sources = format_datasets(Path(tmp) / "formats", paths)
-        formats = format_rates({name: d.with_transform(transform) for name, d in sources.items()}, seconds)
+        for dataset in sources.values():
+            dataset.transform = transform
+        formats = format_rates(sources, seconds)
     return rows, formats
 
 
@@ -151,7 +156,7 @@ def run(workers: list[int], img_size: int, seconds: float, num_images: int, batc
 # -- dataset formats ------------------------------------------------------------------------------
 
 
-def format_datasets(root: Path, paths: list[str], classes: int = 2) -> dict[str, ImageListDataset]:
+def format_datasets(root: Path, paths: list[str], classes: int = 2) -> dict[str, ImageListDataset | ShardStream]:
     """The JPEGs at ``paths`` in each format, read back through each format's datamodule code."""
     import datasets  # the optional dependency of HFDataModule
 
@@ -167,25 +172,33 @@ def format_datasets(root: Path, paths: list[str], classes: int = 2) -> dict[str,
     table = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
     table.to_parquet(str(root / "parquet" / "data" / "train-00000-of-00001.parquet"))
     registry = BadImageRegistry()
+    in_folder = read_image_folder(folder, None, registry)
+    shards = write_shards({"train": in_folder}, in_folder.classes, root / "shards", shard_size=max(1, len(paths) // 4))
+    entry = read_manifest(str(shards))["splits"]["train"]
     return {
-        "folder": read_image_folder(folder, None, registry),
+        "folder": in_folder,
         "csv": CSVDataModule(str(root)).read_split("train", registry),
         "hf parquet": HFDataModule(str(root / "parquet"), cache_dir=str(root / "hf_cache")).read_split("train", registry),
+        "webdataset shards": ShardStream([str(shards / n) for n in entry["shards"]], entry["counts"], None, False, 0, registry),
     }
 
 
-def format_rates(sources: dict[str, ImageListDataset], seconds: float) -> list[dict]:
+def _read_all(dataset: ImageListDataset | ShardStream) -> int:
+    """Read every item once (a stream in order, a map-style dataset by index); the number read."""
+    items = iter(dataset) if isinstance(dataset, ShardStream) else (dataset[i] for i in range(len(dataset)))
+    return sum(1 for _ in items)
+
+
+def format_rates(sources: dict[str, ImageListDataset | ShardStream], seconds: float) -> list[dict]:
     """Images per CPU second of decode + eval transform through each source, in alternating rounds."""
     totals = {name: [0, 0.0] for name in sources}
     for dataset in sources.values():
-        dataset[0]  # warm the page cache, the decoder and (parquet) the memory map
+        _read_all(dataset)  # warm the page cache, the decoder and (parquet) the memory map
     deadline = time.perf_counter() + seconds * len(sources)
     while time.perf_counter() < deadline:
         for name, dataset in sources.items():
             cpu = time.process_time()
-            for index in range(len(dataset)):
-                dataset[index]
-            totals[name][0] += len(dataset)
+            totals[name][0] += _read_all(dataset)
             totals[name][1] += time.process_time() - cpu
     folder = totals["folder"][0] / totals["folder"][1]
     return [

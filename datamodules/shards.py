@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,11 @@ def write_shards(splits: dict[str, ImageListDataset], classes: Sequence[str], ou
     try:
         manifest: dict[str, Any] = {"format": FORMAT, "classes": list(classes), "splits": {}}
         for split, dataset in splits.items():
-            # maxsize: rotate on the sample count alone, so the manifest's counts follow from it
-            with wds.ShardWriter(str(staging / f"{split}-%06d.tar"), maxcount=shard_size, maxsize=1e15, verbose=0) as writer:
+            # maxsize: rotate on the sample count alone, so the manifest's counts follow from it; an integer
+            # mtime: a float one costs every member an extra pax header block that readers parse too
+            with wds.ShardWriter(
+                str(staging / f"{split}-%06d.tar"), maxcount=shard_size, maxsize=1e15, verbose=0, mtime=int(time.time())
+            ) as writer:
                 for index, sample in enumerate(dataset.samples):
                     data = dataset.encoded_image(index)
                     record = {"__key__": f"{index:09d}", _extension(data, sample.path): data, "cls": str(sample.label).encode()}

@@ -59,13 +59,19 @@ def test_data_pipeline_formats_read_the_same_images(tmp_path: Path):
     paths = make_jpegs(tmp_path / "jpegs", 4, size=(80, 80))
     originals = {Path(p).name: (load_rgb(p), i % 2) for i, p in enumerate(paths)}
     sources = format_datasets(tmp_path / "formats", paths)
-    assert set(sources) == {"folder", "csv", "hf parquet"}
+    assert set(sources) == {"folder", "csv", "hf parquet", "webdataset shards"}
+    folder_order = [Path(s.path).name for s in sources["folder"].samples]
     for name, dataset in sources.items():
         assert len(dataset) == len(paths), name
-        for index in range(len(dataset)):
-            # parquet rows keep the order of paths; the other two name the file
-            key = Path(paths[index] if name == "hf parquet" else dataset.samples[index].path).name
-            image, label = dataset[index]
+        items = list(dataset) if name == "webdataset shards" else [dataset[i] for i in range(len(dataset))]
+        for index, (image, label) in enumerate(items):
+            # parquet rows keep the order of paths, shards the folder's order; the other two name the file
+            if name == "hf parquet":
+                key = Path(paths[index]).name
+            elif name == "webdataset shards":
+                key = folder_order[index]
+            else:
+                key = Path(dataset.samples[index].path).name
             assert label == originals[key][1] and np.array_equal(image, originals[key][0]), (name, index)
 
 
