@@ -33,7 +33,8 @@ def _init_worker(worker_id: int) -> None:
 
 
 class ImageClassificationDataModule(L.LightningDataModule):
-    """Base datamodule: subclasses name their :class:`OnDiskDataset` and its extra arguments.
+    """Base datamodule: subclasses name their :class:`OnDiskDataset` and its extra arguments, or
+    override :meth:`split_names`, :meth:`read_split` and :meth:`read_class_names` (the generic formats).
 
     Splits: ``train_dataset`` is the official training split, less a stratified ``val_split``
     fraction (seeded by ``seed``) when ``val_split > 0``, or less fold ``fold`` of a stratified
@@ -41,8 +42,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
     held-out part, else the official validation split where the dataset has one, else the official
     test split (what the papers report); ``test_dataset`` is the official test split, else the
     official validation split, else (a dataset with neither) a stratified ``test_fraction`` of the
-    training split held out before anything else. ``mean``, ``std``, ``interpolation`` and ``crop_pct`` normally come
-    from the model's pretrained config. ``max_bad_images`` bounds the distinct unreadable image
+    training split held out before anything else. ``mean``, ``std``, ``interpolation`` and
+    ``crop_pct`` normally come from the model's pretrained config. ``max_bad_images`` bounds the distinct unreadable image
     files tolerated in the whole run (each is logged and replaced by an image of the same class).
 
     ``eval_transform`` (RGB ``uint8`` HWC array -> normalized CxHxW tensor) is available right after

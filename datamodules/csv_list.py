@@ -4,7 +4,8 @@ Each CSV has a header row naming its columns; ``path_column`` and ``label_column
 that matter (extra columns are ignored). Paths are relative to ``root`` (or absolute). Labels are
 class names or 0-based class ids:
 
-- with ``classes`` (the class names in label order) a label may be a name of that list or an id;
+- with ``classes`` (the class names in label order) a label may be a name of that list or an id
+  (an integer label is read as an id);
 - without it, labels that are all integers are ids (names ``"0"``, ``"1"``, ...), otherwise they are
   names and the classes are the sorted names of the training CSV; a validation or test row whose
   label is not one of them is an error.
@@ -117,14 +118,15 @@ class CSVDataModule(ImageClassificationDataModule):
         path = self._csv_path(split)
         rows = read_csv_rows(path, [self.path_column, self.label_column, *self.box_columns])
         classes = self.class_names
+        # ids are accepted with a given class list, or when the training labels were all ids
+        accepts_ids = self.classes is not None or classes == [str(i) for i in range(len(classes))]
         index = {name: label for label, name in enumerate(classes)}
-        by_id = self.classes is None and all(name == str(i) for i, name in enumerate(classes))
         samples = []
         for lineno, (image, label, *box_values) in enumerate(rows, start=2):
-            if label in index and not by_id:
-                target = index[label]
-            elif _is_id(label) and (by_id or self.classes is not None) and int(label) < len(classes):
+            if accepts_ids and _is_id(label) and int(label) < len(classes):
                 target = int(label)
+            elif label in index:
+                target = index[label]
             else:
                 known = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
                 source = "data.classes" if self.classes is not None else self._csv_path("train").name

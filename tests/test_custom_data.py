@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import tiny_fit_args
 from data_builders import GENERIC_CLASSES, build_csv, build_cub, build_hf_parquet, build_image_folder
+from hf_server import FakeHub
 
 from datamodules import (
     CSVDataModule,
@@ -257,18 +258,24 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case: str, tmp_path: P
     assert not run_dir.exists()
 
 
-def test_hf_dataset_id_not_cached_offline_is_one_line(tmp_path: Path) -> None:
-    # datasets reads HF_HUB_OFFLINE and HF_HOME at import: a process of its own
+@pytest.mark.parametrize("online", [False, True], ids=["offline, not cached", "not on the Hub"])
+def test_hf_dataset_id_that_cannot_be_loaded_is_one_line(tmp_path: Path, online: bool) -> None:
+    # datasets reads HF_ENDPOINT, HF_HUB_OFFLINE and HF_HOME at import: a process of its own
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=str(REPO / "tests"))
+    env.update(HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=str(REPO / "tests"))
     run_dir = tmp_path / "run"
     args = tiny_fit_args("someone/no-such-dataset", run_dir, epochs=1, datamodule="datamodules.HFDataModule")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), "fit", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    command = [sys.executable, str(REPO / "cli.py"), "fit", *args]
+    with FakeHub() as hub:  # the local stand-in for the Hub: it knows no dataset
+        if online:
+            env["HF_ENDPOINT"] = hub.url
+        else:
+            env["HF_HUB_OFFLINE"] = "1"
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
-    assert "'someone/no-such-dataset'" in errors[0] and "HF_HUB_OFFLINE=1" in errors[0]
+    assert "Hugging Face dataset 'someone/no-such-dataset' could not be loaded" in errors[0]
+    assert ("HF_HUB_OFFLINE=1" in errors[0]) != online and "data.root" in errors[0]
     assert not run_dir.exists()
 
 
