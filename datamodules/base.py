@@ -8,9 +8,10 @@ from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .dataset import BadImageRegistry, ImageListDataset, OnDiskDataset, stratified_split
+from .dataset import BadImageRegistry, ImageListDataset, OnDiskDataset, stratified_folds, stratified_split
+from .files import DataError
 from .machine import default_num_workers
 from .samplers import RepeatedAugmentationSampler, class_balanced_sampler, class_counts
 from .transforms import (
@@ -29,21 +30,25 @@ def _init_worker(worker_id: int) -> None:
     # count is left alone: cv2.setNumThreads in a forked child can deadlock on the thread pool
     # inherited from the parent.
     info = get_worker_info()
-    if info is not None and isinstance(info.dataset, ImageListDataset):
+    if info is not None and hasattr(info.dataset, "reseed"):  # ImageListDataset, ShardStream
         info.dataset.reseed(info.seed)
 
 
 class ImageClassificationDataModule(L.LightningDataModule):
-    """Base datamodule: subclasses name their :class:`OnDiskDataset` and its extra arguments.
+    """Base datamodule: subclasses name their :class:`OnDiskDataset` and its extra arguments, or
+    override :meth:`split_names`, :meth:`read_split` and :meth:`read_class_names` (the generic formats).
 
     Splits: ``train_dataset`` is the official training split, less a stratified ``val_split``
-    fraction (seeded by ``seed``) when ``val_split > 0``; ``val_dataset`` is that fraction, or the
-    official test split when ``val_split == 0`` (what the papers report); ``test_dataset`` is always
-    the official test split. ``mean``, ``std``, ``interpolation`` and ``crop_pct`` normally come
-    from the model's pretrained config. ``num_workers=None`` (the default) takes the cores this
-    process's share of the machine has left, see ``num_workers``. ``auto_augment`` names a timm augmentation policy
-    (``rand-m9-mstd0.5-inc1``, ``augmix-m5-w4-d2``, ``trivialaugment``, ...; ``None`` = colour jitter
-    instead, see ``datamodules.transforms``). ``max_bad_images`` bounds the distinct unreadable image
+    fraction (seeded by ``seed``) when ``val_split > 0``, or less fold ``fold`` of a stratified
+    ``num_folds``-fold partition (seeded by ``seed``) when ``num_folds >= 2``; ``val_dataset`` is that
+    held-out part, else the official validation split where the dataset has one, else the official
+    test split (what the papers report); ``test_dataset`` is the official test split, else the
+    official validation split, else (a dataset with neither) a stratified ``test_fraction`` of the
+    training split held out before anything else. ``mean``, ``std``, ``interpolation`` and
+    ``crop_pct`` normally come from the model's pretrained config. ``num_workers=None`` (the default)
+    takes the cores this process's share of the machine has left, see ``num_workers``. ``auto_augment``
+    names a timm augmentation policy (``rand-m9-mstd0.5-inc1``, ``augmix-m5-w4-d2``, ``trivialaugment``,
+    ...; ``None`` = colour jitter instead, see ``datamodules.transforms``). ``max_bad_images`` bounds the distinct unreadable image
     files tolerated in the whole run (each is logged and replaced by an image of the same class).
 
     ``eval_transform`` (RGB ``uint8`` HWC array -> normalized CxHxW tensor) is available right after
@@ -56,6 +61,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
     """
 
     dataset_class: ClassVar[type[OnDiskDataset]]
+    #: held out as the test split when a dataset has neither a validation nor a test split
+    test_fraction: float = 0.0
 
     def __init__(
         self,
@@ -66,6 +73,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_split: float = 0.0,
+        num_folds: int = 0,
+        fold: int = 0,
         seed: int = 0,
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
@@ -92,12 +101,22 @@ class ImageClassificationDataModule(L.LightningDataModule):
             raise ValueError(f"repeats={repeats}: expected a positive integer")
         if max_bad_images < 0:
             raise ValueError(f"max_bad_images={max_bad_images}: expected a non-negative integer")
+        if num_folds == 1 or num_folds < 0:
+            raise DataError(f"num_folds={num_folds}: expected 0 (no cross-validation) or at least 2")
+        if num_folds and not 0 <= fold < num_folds:
+            raise DataError(f"fold={fold}: out of range for num_folds={num_folds}; expected 0..{num_folds - 1}")
+        if num_folds and val_split:
+            raise DataError(
+                f"val_split={val_split} and num_folds={num_folds}: set only one (the fold is the validation set)"
+            )
         self.root = Path(os.path.expanduser(root))
         self.batch_size = batch_size
         self.workers_setting = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.val_split = val_split
+        self.num_folds = num_folds
+        self.fold = fold
         self.seed = seed
         self.max_bad_images = max_bad_images
         self.train_transform = build_train_transform(
@@ -109,6 +128,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.test_dataset: ImageListDataset | None = None
         self._class_names: list[str] | None = None
         self._bad_images: BadImageRegistry | None = None
+        self._read_splits: dict[str, ImageListDataset] = {}  # split name -> dataset without transform
 
     @property
     def num_workers(self) -> int:
@@ -129,12 +149,24 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """Name of the official evaluation split in ``dataset_class.splits``."""
         return self.dataset_class.splits[-1]
 
+    def split_names(self) -> tuple[str, str | None, str | None]:
+        """(training, official validation or ``None``, official test or ``None``) split names."""
+        return self.dataset_class.splits[0], None, self.test_split
+
+    def read_split(self, split: str, bad_images: BadImageRegistry) -> ImageListDataset:
+        """Split ``split`` (one of :meth:`split_names`) without a transform; errors name the bad file."""
+        return self.dataset_class(self.root, split, transform=None, bad_images=bad_images, **self.dataset_kwargs())
+
+    def read_class_names(self) -> list[str]:
+        """Class names in label order, from the metadata only where the format allows."""
+        return self.dataset_class.read_class_names(self.root)
+
     # -- classes ------------------------------------------------------------------------------
 
     @property
     def class_names(self) -> list[str]:
         if self._class_names is None:
-            self._class_names = self.dataset_class.read_class_names(self.root)
+            self._class_names = self.read_class_names()
         return self._class_names
 
     @property
@@ -143,31 +175,61 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     # -- datasets -----------------------------------------------------------------------------
 
-    def _load(self, split: str, transform: Any) -> ImageListDataset:
+    def _read(self, split: str) -> ImageListDataset:
         if self._bad_images is None:
             self._bad_images = BadImageRegistry(self.max_bad_images)
-        dataset = self.dataset_class(
-            self.root, split, transform=transform, bad_images=self._bad_images, **self.dataset_kwargs()
-        )
-        self._class_names = dataset.classes
-        return dataset
+        if split not in self._read_splits:
+            dataset = self.read_split(split, self._bad_images)
+            self._class_names = dataset.classes
+            self._read_splits[split] = dataset
+        return self._read_splits[split]
+
+    def _training_parts(self) -> tuple[ImageListDataset, ImageListDataset | None, ImageListDataset | None]:
+        """(train, val carved from it or ``None``, test carved from it or ``None``), without transforms."""
+        train_name, val_name, test_name = self.split_names()
+        train = self._read(train_name)
+        test = None
+        if val_name is None and test_name is None:
+            if not 0 < self.test_fraction < 1:
+                raise DataError(
+                    f"test_fraction={self.test_fraction}: {self.root} has no validation or test split, "
+                    "so a fraction in (0, 1) of the training images must be held out as test set"
+                )
+            keep, held = stratified_split(train.targets, self.test_fraction, self.seed)
+            train, test = train.subset(keep), train.subset(held)
+        val = None
+        if self.num_folds:
+            keep, held = stratified_folds(train.targets, self.num_folds, self.fold, self.seed)
+            train, val = train.subset(keep), train.subset(held)
+        elif self.val_split > 0:
+            keep, held = stratified_split(train.targets, self.val_split, self.seed)
+            train, val = train.subset(keep), train.subset(held)
+        return train, val, test
 
     def setup(self, stage: str | None = None) -> None:
         """Parse the annotation files (errors name the bad file) for the datasets ``stage`` needs."""
-        wants_train = stage in (None, "fit")
-        wants_val = stage in (None, "fit", "validate")
-        wants_test = stage in (None, "test")
-        if wants_val and self.val_dataset is None and self.val_split > 0:
-            full = self._load(self.dataset_class.splits[0], None)
-            train_idx, val_idx = stratified_split(full.targets, self.val_split, self.seed)
-            self.train_dataset = full.subset(train_idx, self.train_transform)
-            self.val_dataset = full.subset(val_idx, self.eval_transform)
-        if wants_train and self.train_dataset is None:
-            self.train_dataset = self._load(self.dataset_class.splits[0], self.train_transform)
-        if (wants_test or (wants_val and self.val_dataset is None)) and self.test_dataset is None:
-            self.test_dataset = self._load(self.test_split, self.eval_transform)
-        if wants_val and self.val_dataset is None:
-            self.val_dataset = self.test_dataset
+        need_train = stage in (None, "fit") and self.train_dataset is None
+        need_val = stage in (None, "fit", "validate") and self.val_dataset is None
+        need_test = stage in (None, "test") and self.test_dataset is None
+        _, val_name, test_name = self.split_names()
+        carves_val = bool(self.num_folds) or self.val_split > 0
+        carves_test = val_name is None and test_name is None
+        train = val = test = None
+        if need_train or (need_val and carves_val) or ((need_test or need_val) and carves_test):
+            train, val, test = self._training_parts()
+        if need_train:
+            self.train_dataset = train.with_transform(self.train_transform)
+        if (need_test or (need_val and val is None and val_name is None)) and self.test_dataset is None:
+            official = test if carves_test else self._read(test_name or val_name)
+            self.test_dataset = official.with_transform(self.eval_transform)
+        if need_val:
+            if val is not None:
+                self.val_dataset = val.with_transform(self.eval_transform)
+            elif val_name is not None:
+                self.val_dataset = self._read(val_name).with_transform(self.eval_transform)
+            else:
+                self.val_dataset = self.test_dataset
+        self._read_splits.clear()  # kept from prepare_data to here only: the datasets hold what they need
 
     def class_counts(self) -> list[int]:
         """Training images per class (for class-weighted losses); needs ``setup("fit")``."""
@@ -193,11 +255,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if train and workers == 0:
             # no worker to reseed: draw the augmentation seed from torch's generator instead
             dataset.reseed(int(torch.empty((), dtype=torch.int64).random_().item()))
-        sampler = self._train_sampler(dataset) if train else None
+        stream = isinstance(dataset, IterableDataset)  # shards order themselves (ShardDataModule)
+        sampler = self._train_sampler(dataset) if train and not stream else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train and sampler is None,
+            shuffle=train and sampler is None and not stream,
             sampler=sampler,
             # a train set smaller than one batch would otherwise give empty epochs
             drop_last=train and len(dataset) >= self.batch_size,

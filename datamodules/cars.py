@@ -1,6 +1,7 @@
 """Stanford Cars (Krause et al., 2013): 196 classes, 8,144 train / 8,041 test images.
 
-The dataset circulates in three layouts, detected from their marker file (see ``docs/datasets.md``):
+The dataset circulates in three layouts, detected from their marker file in ``root`` or in
+``root/stanford_cars`` (torchvision's place for the devkit layout; see ``docs/datasets.md``):
 
 - ``devkit``: ``cars_train/``, ``cars_test/``, ``devkit/cars_meta.mat`` (``class_names``),
   ``devkit/cars_train_annos.mat`` and ``cars_test_annos_withlabels.mat`` (at the root or in
@@ -27,6 +28,7 @@ import numpy as np
 from .base import ImageClassificationDataModule
 from .dataset import BadImageRegistry, OnDiskDataset, Sample
 from .files import (
+    DataError,
     check_files_exist,
     check_label,
     list_images_in_subdirs,
@@ -48,10 +50,10 @@ _Records = tuple[list[tuple[str, int, tuple[float, float, float, float]]], Path]
 def _mat_strings(path: Path, key: str) -> list[str]:
     mat = load_mat(path)
     if key not in mat:
-        raise ValueError(f"{path}: no variable {key!r}")
+        raise DataError(f"{path}: no variable {key!r}")
     values = [v.item() if isinstance(v, np.ndarray) and v.size == 1 else v for v in np.atleast_1d(mat[key])]
     if not values or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{path}: {key!r} must be a cell array of strings")
+        raise DataError(f"{path}: {key!r} must be a cell array of strings")
     return values
 
 
@@ -110,7 +112,7 @@ def _car_ims_records(root: Path, split: str) -> _Records:
         zip(fields["relative_im_path"], fields["class"], fields["test"], strict=True)
     ):
         if test not in (0, 1):
-            raise ValueError(f"{annotations}: annotations[{i}].test = {test}, expected 0 (train) or 1 (test)")
+            raise DataError(f"{annotations}: annotations[{i}].test = {test}, expected 0 (train) or 1 (test)")
         if test == wanted:
             records.append((os.path.join(root, relative_path), label, _box(fields, i)))
     return records, annotations
@@ -139,7 +141,7 @@ def _csv_records(root: Path, split: str) -> _Records:
         for name in names:
             path = os.path.join(image_dir, class_dir, name)
             if located.setdefault(name, path) != path:
-                raise ValueError(f"{image_dir}: image name {name} occurs in two class folders: {located[name]}, {path}")
+                raise DataError(f"{image_dir}: image name {name} occurs in two class folders: {located[name]}, {path}")
     missing = [name for name, *_ in rows if name not in located]
     if missing:
         raise FileNotFoundError(
@@ -164,9 +166,11 @@ _LAYOUTS = (
 
 
 class StanfordCars(OnDiskDataset):
-    """Stanford Cars in any of its three published layouts (see the module docstring)."""
+    """Stanford Cars in any of its three published layouts (see the module docstring), in ``root`` or
+    in ``root/stanford_cars`` (where torchvision's ``StanfordCars(root)`` expects the devkit layout)."""
 
     splits = ("train", "test")
+    base_folder = "stanford_cars"
 
     def __init__(
         self,
@@ -177,30 +181,33 @@ class StanfordCars(OnDiskDataset):
         bad_images: BadImageRegistry | None = None,
     ) -> None:
         self.check_split(split)
-        self.layout = self.detect_layout(root)
-        classes = self.layout.classes(Path(root))
-        records, annotations = self.layout.records(Path(root), split)
+        folder, self.layout = self.find_layout(root)
+        classes = self.layout.classes(folder)
+        records, annotations = self.layout.records(folder, split)
         samples = []
         for path, class_id, (x1, y1, x2, y2) in records:
             label = check_label(class_id, len(classes), annotations, os.path.basename(path))
             if crop_to_bbox and not (x2 >= x1 and y2 >= y1):
-                raise ValueError(f"{annotations}: {os.path.basename(path)} has box {(x1, y1, x2, y2)}, expected x1 <= x2, y1 <= y2")
+                raise DataError(f"{annotations}: {os.path.basename(path)} has box {(x1, y1, x2, y2)}, expected x1 <= x2, y1 <= y2")
             box = (x1 - 1, y1 - 1, x2, y2) if crop_to_bbox else None
             samples.append(Sample(path, label, box))
         check_files_exist((s.path for s in samples), annotations)
         super().__init__(samples, classes, transform, bad_images)
 
-    @staticmethod
-    def detect_layout(root: str | os.PathLike[str]) -> _Layout:
-        for layout in _LAYOUTS:
-            if (Path(root) / layout.marker).is_file():
-                return layout
+    @classmethod
+    def find_layout(cls, root: str | os.PathLike[str]) -> tuple[Path, _Layout]:
+        """The folder holding a layout's marker (``root`` or ``root/stanford_cars``) and that layout."""
+        for folder in (Path(root), Path(root) / cls.base_folder):
+            for layout in _LAYOUTS:
+                if (folder / layout.marker).is_file():
+                    return folder, layout
         looked = "; ".join(f"{layout.marker} ({layout.name} layout)" for layout in _LAYOUTS)
-        raise FileNotFoundError(f"no Stanford Cars layout found in {root}: looked for {looked}")
+        raise FileNotFoundError(f"no Stanford Cars layout found in {root} or {Path(root) / cls.base_folder}: looked for {looked}")
 
     @classmethod
     def read_class_names(cls, root: str | os.PathLike[str]) -> list[str]:
-        return cls.detect_layout(root).classes(Path(root))
+        folder, layout = cls.find_layout(root)
+        return layout.classes(folder)
 
 
 class StanfordCarsDataModule(ImageClassificationDataModule):

@@ -17,6 +17,7 @@ import scipy.io
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "DataError",
     "check_files_exist",
     "check_label",
     "list_images",
@@ -28,6 +29,11 @@ __all__ = [
     "string",
     "struct_fields",
 ]
+
+class DataError(ValueError):
+    """Bad dataset input (a malformed annotation, an unknown label, a bad split or fold setting):
+    the message is one line naming the file, key or value, and what was expected."""
+
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
@@ -45,7 +51,7 @@ def read_lines(path: Path) -> list[str]:
         with open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
+        raise DataError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
 
 
 def read_rows(
@@ -75,7 +81,7 @@ def read_rows(
             result.append(tuple(convert(cell) for convert, cell in zip(types, cells, strict=True)))
         except ValueError as err:
             expected = ", ".join(getattr(t, "__name__", str(t)) for t in types)
-            raise ValueError(
+            raise DataError(
                 f"{path}: row {lineno} {row!r} does not match the expected columns ({expected}): {err}"
             ) from None
     return result
@@ -84,7 +90,7 @@ def read_rows(
 def check_label(label: int, num_classes: int, path: Path, entry: object) -> int:
     """``label`` (1-based in the annotation file) as a 0-based class index, or a clear error."""
     if not 1 <= label <= num_classes:
-        raise ValueError(f"{path}: {entry} has class {label}, expected 1..{num_classes} (1-based)")
+        raise DataError(f"{path}: {entry} has class {label}, expected 1..{num_classes} (1-based)")
     return label - 1
 
 
@@ -94,7 +100,7 @@ def load_mat(path: Path) -> dict[str, Any]:
     try:
         return scipy.io.loadmat(os.fspath(path), squeeze_me=True)
     except Exception as err:  # scipy raises anything from MatReadError to IndexError on a damaged file
-        raise ValueError(f"{path}: not a readable MATLAB .mat file ({err})") from None
+        raise DataError(f"{path}: not a readable MATLAB .mat file ({err})") from None
 
 
 def string(value: Any) -> str:
@@ -117,12 +123,12 @@ def struct_fields(
     one list per field, one entry per struct."""
     if key not in mat:
         found = sorted(k for k in mat if not k.startswith("__"))
-        raise ValueError(f"{path}: no variable {key!r} (found {found})")
+        raise DataError(f"{path}: no variable {key!r} (found {found})")
     array = np.atleast_1d(mat[key])
     names = array.dtype.names or ()
     missing = [f for f in fields if f not in names]
     if missing:
-        raise ValueError(f"{path}: struct {key!r} lacks field(s) {missing} (has {list(names)})")
+        raise DataError(f"{path}: struct {key!r} lacks field(s) {missing} (has {list(names)})")
     result: dict[str, list[Any]] = {}
     for field, convert in fields.items():
         values = result[field] = []
@@ -131,7 +137,7 @@ def struct_fields(
             try:
                 values.append(convert(value))
             except (TypeError, ValueError):
-                raise ValueError(
+                raise DataError(
                     f"{path}: {key}[{i}].{field} = {value!r} is not a valid {convert.__name__}"
                 ) from None
     return result

@@ -29,6 +29,7 @@ from .base import ImageClassificationDataModule
 from .dataset import BadImageRegistry, OnDiskDataset, Sample
 from .files import (
     IMAGE_EXTENSIONS,
+    DataError,
     check_files_exist,
     list_images_in_subdirs,
     load_mat,
@@ -61,7 +62,7 @@ def _scan_class_folders(directory: Path, index: dict[str, int]) -> list[Sample]:
     wnids = _subdirs(directory)
     unknown = [w for w in wnids if w not in index]
     if unknown:
-        raise ValueError(f"{directory}: class folder(s) {unknown[:3]} are not among the {len(index)} known classes")
+        raise DataError(f"{directory}: class folder(s) {unknown[:3]} are not among the {len(index)} known classes")
     samples = []
     for wnid, names in zip(wnids, list_images_in_subdirs(directory, wnids), strict=True):
         prefix, label = os.path.join(directory, wnid, ""), index[wnid]  # concatenation: 1.28M joins are slow
@@ -102,7 +103,7 @@ def _loc_samples(root: Path, split: str, index: dict[str, int]) -> list[Sample]:
     for image_id, prediction in sorted(read_rows(solution, (str, str), delimiter=",", header=True)):
         wnid = prediction.split()[0] if prediction.split() else ""
         if wnid not in index:
-            raise ValueError(f"{solution}: {image_id} has label {wnid!r}, not a wnid of LOC_synset_mapping.txt")
+            raise DataError(f"{solution}: {image_id} has label {wnid!r}, not a wnid of LOC_synset_mapping.txt")
         samples.append(Sample(os.path.join(image_dir, image_id + ".JPEG"), index[wnid]))
     check_files_exist((s.path for s in samples), solution)
     return samples
@@ -147,7 +148,7 @@ def _devkit_samples(root: Path, split: str, index: dict[str, int]) -> list[Sampl
     samples = []
     for number, line in enumerate(read_lines(ground_truth), start=1):
         if not line.isdigit() or int(line) not in leaves:
-            raise ValueError(f"{ground_truth}: line {number} is {line!r}, expected a class id of {meta} (1..1000)")
+            raise DataError(f"{ground_truth}: line {number} is {line!r}, expected a class id of {meta} (1..1000)")
         path = os.path.join(root, "val", f"ILSVRC2012_val_{number:08d}.JPEG")
         samples.append(Sample(path, index[leaves[int(line)][0]]))
     check_files_exist((s.path for s in samples), ground_truth)

@@ -49,6 +49,7 @@ __all__ = [
     "augment_policy",
     "build_eval_transform",
     "build_train_transform",
+    "decode_rgb",
     "load_rgb",
 ]
 
@@ -86,16 +87,21 @@ def load_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     """
     with open(path, "rb") as f:
         data = f.read()
+    return decode_rgb(data, os.fspath(path))
+
+
+def decode_rgb(data: bytes, name: str) -> np.ndarray:
+    """:func:`load_rgb` for an encoded image held in memory; ``name`` says where it came from in errors."""
     if data.startswith(_JPEG_SOI) and not _jpeg_is_complete(data):
-        raise ImageDecodeError(f"{os.fspath(path)}: truncated JPEG (no end-of-image marker)")
+        raise ImageDecodeError(f"{name}: truncated JPEG (no end-of-image marker)")
     try:
         image = cv2.imdecode(
             np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
         )
     except cv2.error as err:  # e.g. more pixels than OpenCV's decoding limit
-        raise ImageDecodeError(f"{os.fspath(path)}: {err.err}") from None
+        raise ImageDecodeError(f"{name}: {err.err}") from None
     if image is None:
-        raise ImageDecodeError(f"{os.fspath(path)}: not a decodable image ({len(data)} bytes)")
+        raise ImageDecodeError(f"{name}: not a decodable image ({len(data)} bytes)")
     return image
 
 

@@ -42,6 +42,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules import DataError
+
 from .backbones.checkpoint import CheckpointMismatchError
 from .hub import ExportError, HubError, PushToHubCallback
 from .module import FinetuneConfigError, ImageClassifier
@@ -57,6 +59,8 @@ EXTRA_COMMANDS: dict[str, str] = {
     "push": "finetune.hub:push_main",
     "convert": "finetune.hub:convert_main",
     "visualize": "finetune.visualize:main",
+    "kfold": "finetune.kfold:main",
+    "shards": "datamodules.shards:main",
 }
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -449,10 +453,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointMismatchError,
         ExportError,
         HubError,
+        DataError,
         FileNotFoundError,
         NotADirectoryError,
     ) as e:
         return _fail(_one_line(e))
+    except ValueError as e:  # jsonargparse wraps what a datamodule's constructor raises
+        cause = _data_error_cause(e)
+        if cause is None:
+            raise
+        return _fail(_one_line(cause))
     except ArgumentError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         return _fail(f"{detail[:400]} (see --help)")
@@ -478,6 +488,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         raise
     return 0
+
+
+def _data_error_cause(error: BaseException) -> DataError | None:
+    while error is not None and not isinstance(error, DataError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _fail(message: str) -> int:

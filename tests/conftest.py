@@ -57,15 +57,18 @@ def synthetic_cub(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def tiny_fit_args(root: Path, run_dir: Path, epochs: int = 2) -> list[str]:
-    """Flags of a deterministic tiny fit on ``root`` (no augmentation randomness, fresh workers per epoch)."""
+def tiny_fit_args(
+    root: Path | str, run_dir: Path, epochs: int = 2, datamodule: str = "datamodules.CUB200DataModule"
+) -> list[str]:
+    """Flags of a deterministic tiny fit of ``datamodule`` on ``root`` (no augmentation randomness,
+    fresh workers per epoch)."""
     return [
         "--seed_everything", "0",
         "--run_dir", str(run_dir),
         "--model.model_name", "irpe_deit_tiny_patch16_224",
         "--model.model_kwargs", TINY_MODEL,
         "--model.warmup_epochs", "1",
-        "--data", "datamodules.CUB200DataModule",
+        "--data", datamodule,
         "--data.root", str(root),
         "--data.batch_size", "8",
         "--data.num_workers", "1",

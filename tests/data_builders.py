@@ -1,4 +1,5 @@
-"""Small datasets in the real on-disk layouts of CUB-200-2011, Stanford Cars and ImageNet.
+"""Small datasets in the real on-disk layouts of CUB-200-2011, Stanford Cars and ImageNet, and in the
+generic formats: class folders, CSV lists, and parquet files written by Hugging Face ``datasets``.
 
 Every builder writes real JPEG files and real annotation files (text, CSV, and MATLAB .mat files
 written with ``scipy.io.savemat`` in the struct-array layout of the official devkits) and returns a
@@ -8,6 +9,7 @@ background with a white rectangle on the annotated box, which makes a bounding-b
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +20,16 @@ from PIL import Image
 
 __all__ = [
     "CARS_CLASSES",
+    "CARS_LAYOUTS",
+    "CUB_LAYOUTS",
+    "GENERIC_CLASSES",
     "IMAGENET_CLASSES",
     "BuiltDataset",
     "build_cars",
+    "build_csv",
     "build_cub",
+    "build_hf_parquet",
+    "build_image_folder",
     "build_imagenet",
     "make_tgz",
     "truncate_file",
@@ -117,8 +125,33 @@ def _cell(strings: list[str]) -> np.ndarray:
 # -- CUB-200-2011 ---------------------------------------------------------------------------------
 
 
-def build_cub(parent: Path, num_classes: int = 3, train_per_class: int = 3, test_per_class: int = 2) -> BuiltDataset:
-    """``parent/CUB_200_2011`` with the five text files and ``images/NNN.Name/*.jpg``."""
+CUB_LAYOUTS = ("official", "nested", "class_folders")
+
+
+def build_cub(
+    parent: Path, num_classes: int = 3, train_per_class: int = 3, test_per_class: int = 2, layout: str = "official"
+) -> BuiltDataset:
+    """``parent/CUB_200_2011`` with the five text files and ``images/NNN.Name/*.jpg`` (``official``);
+    the same one level deeper, ``parent/CUB_200_2011/CUB_200_2011`` (``nested``, as zip mirrors
+    extract); or ``parent/CUB_200_2011/{train,test}/NNN.Name/*.jpg`` without text files
+    (``class_folders``, as mirrors that pre-split the images ship it)."""
+    if layout not in CUB_LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {CUB_LAYOUTS}")
+    if layout == "nested":
+        return build_cub(parent / "CUB_200_2011", num_classes, train_per_class, test_per_class)
+    if layout == "class_folders":
+        built = build_cub(parent, num_classes, train_per_class, test_per_class)
+        moved: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+        for split, samples in built.splits.items():
+            for path, label in samples:
+                target = built.root / split / Path(path).parent.name / Path(path).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Path(path).rename(target)
+                moved[split].append((str(target), label))
+        shutil.rmtree(built.root / "images")
+        for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt", "classes.txt"):
+            (built.root / name).unlink()
+        return BuiltDataset(built.root, built.class_names, moved)
     rng = np.random.default_rng(0)
     folder = parent / "CUB_200_2011"
     classes = CUB_CLASSES[:num_classes]
@@ -153,14 +186,19 @@ def build_cub(parent: Path, num_classes: int = 3, train_per_class: int = 3, test
 
 # -- Stanford Cars --------------------------------------------------------------------------------
 
-CARS_LAYOUTS = ("devkit", "devkit_test_at_root", "car_ims", "csv")
+CARS_LAYOUTS = ("devkit", "devkit_test_at_root", "car_ims", "csv", "torchvision")
 
 
 def build_cars(root: Path, layout: str = "devkit", train_per_class: int = 2, test_per_class: int = 2) -> BuiltDataset:
     """Stanford Cars in one of :data:`CARS_LAYOUTS` (``devkit_test_at_root``: the devkit layout with
-    ``cars_test_annos_withlabels.mat`` beside ``devkit/`` instead of in it)."""
+    ``cars_test_annos_withlabels.mat`` beside ``devkit/`` instead of in it; ``torchvision``: that
+    layout in ``root/stanford_cars``, where torchvision's ``StanfordCars(root)`` reads it)."""
     if layout not in CARS_LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {CARS_LAYOUTS}")
+    if layout == "torchvision":
+        built = build_cars(root / "stanford_cars", "devkit_test_at_root", train_per_class, test_per_class)
+        built.root = root
+        return built
     rng = np.random.default_rng(1)
     built = BuiltDataset(root, list(CARS_CLASSES), {"train": [], "test": []})
     entries: dict[str, list[dict[str, object]]] = {"train": [], "test": []}
@@ -264,4 +302,72 @@ def build_imagenet(root: Path, layout: str = "folder", train_per_class: int = 2,
         data.mkdir(parents=True)
         scipy.io.savemat(data / "meta.mat", {"synsets": _matlab_struct(synsets)})
         (data / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(str(ids[w]) for w in val_wnids) + "\n")
+    return built
+
+
+# -- generic formats ------------------------------------------------------------------------------
+
+GENERIC_CLASSES = ["cat", "dog", "owl"]
+
+
+def _generic_images(root: Path, split: str, per_class: int, folders: bool) -> list[tuple[str, int]]:
+    """``per_class`` JPEGs of each generic class under ``root`` (in class folders when ``folders``)."""
+    written = []
+    for label, name in enumerate(GENERIC_CLASSES):
+        for k in range(per_class):
+            relative = f"{name}/{split}_{k}.jpg" if folders else f"images/{split}_{name}_{k}.jpg"
+            path = write_image(root / relative, (4 + 8 * label, 4, 20 + 8 * label, 20), _mode(k + label))
+            written.append((str(path), label))
+    return written
+
+
+def build_image_folder(root: Path, splits: tuple[str, ...] = ("train", "val"), per_class: int = 4) -> BuiltDataset:
+    """Class folders: ``root/<split>/<class>/*.jpg`` for each of ``splits``, or ``root/<class>/*.jpg``
+    when ``splits`` is empty."""
+    built = BuiltDataset(root, list(GENERIC_CLASSES))
+    for split in splits or ("all",):
+        built.splits[split] = _generic_images(root / split if splits else root, split, per_class, folders=True)
+    return built
+
+
+def build_csv(
+    root: Path, splits: tuple[str, ...] = ("train", "val"), per_class: int = 4, label_ids: bool = False, boxes: bool = False
+) -> BuiltDataset:
+    """``root/<split>.csv`` (header ``path,label`` [``,x1,y1,x2,y2``]) and ``root/images/*.jpg``;
+    labels are class names, or 0-based ids with ``label_ids``."""
+    built = BuiltDataset(root, [str(i) for i in range(3)] if label_ids else list(GENERIC_CLASSES))
+    for split in splits:
+        images = _generic_images(root, split, per_class, folders=False)
+        built.splits[split] = images
+        lines = ["path,label" + (",x1,y1,x2,y2" if boxes else "")]
+        for path, label in images:
+            box = (4 + 8 * label, 4, 20 + 8 * label, 20)
+            built.boxes[path] = box
+            row = f"{Path(path).relative_to(root)},{label if label_ids else GENERIC_CLASSES[label]}"
+            lines.append(row + ("," + ",".join(map(str, box)) if boxes else ""))
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return built
+
+
+def build_hf_parquet(
+    root: Path, splits: tuple[str, ...] = ("train", "validation"), per_class: int = 4, image_column: str = "image"
+) -> BuiltDataset:
+    """A Hub-style parquet dataset written by ``datasets`` itself: ``root/data/<split>-00000-of-00001.parquet``
+    with an ``Image`` column holding JPEG bytes and a ``ClassLabel`` column ``label``. ``splits[s]`` lists
+    ``(f"{root}[{s}][{row}]", label)``."""
+    import datasets  # optional dependency: imported by the tests that build this format
+
+    features = datasets.Features({image_column: datasets.Image(), "label": datasets.ClassLabel(names=GENERIC_CLASSES)})
+    built = BuiltDataset(root, list(GENERIC_CLASSES))
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        images, labels = [], []
+        staging = root / ".staging" / split
+        for path, label in _generic_images(staging, split, per_class, folders=True):
+            images.append({"bytes": Path(path).read_bytes(), "path": None})
+            labels.append(label)
+        table = datasets.Dataset.from_dict({image_column: images, "label": labels}, features=features)
+        table.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+        built.splits[split] = [(f"{root}[{split}][{row}]", label) for row, label in enumerate(labels)]
+    shutil.rmtree(root / ".staging")
     return built

@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import benchmarks.common
 from benchmarks import attention_profile
 from benchmarks.backbones import Target, target_table
+from benchmarks.data_pipeline import format_datasets, imagenet_like_samples, index_bytes, make_jpegs
+from datamodules import SampleArray, load_rgb
 
 
 def test_target_table_checks_named_rows_and_the_worst_fast_path_row():
@@ -49,3 +52,30 @@ def test_attention_profile_writes_each_op_per_layer(tmp_path: Path, monkeypatch:
     for op in ("aten::gather", "aten::scatter_add_"):
         assert float(rows[op][timm]) == 0 and float(rows[op][key]) > 0 and float(rows[op][qkv]) > float(rows[op][key])
     assert float(rows["wall time per step (unprofiled)"][key]) > 0
+
+
+def test_data_pipeline_formats_read_the_same_images(tmp_path: Path):
+    (tmp_path / "jpegs").mkdir()
+    paths = make_jpegs(tmp_path / "jpegs", 4, size=(80, 80))
+    originals = {Path(p).name: (load_rgb(p), i % 2) for i, p in enumerate(paths)}
+    sources = format_datasets(tmp_path / "formats", paths)
+    assert set(sources) == {"folder", "csv", "hf parquet", "webdataset shards"}
+    folder_order = [Path(s.path).name for s in sources["folder"].samples]
+    for name, dataset in sources.items():
+        assert len(dataset) == len(paths), name
+        items = list(dataset) if name == "webdataset shards" else [dataset[i] for i in range(len(dataset))]
+        for index, (image, label) in enumerate(items):
+            # parquet rows keep the order of paths, shards the folder's order; the other two name the file
+            if name == "hf parquet":
+                key = Path(paths[index]).name
+            elif name == "webdataset shards":
+                key = folder_order[index]
+            else:
+                key = Path(dataset.samples[index].path).name
+            assert label == originals[key][1] and np.array_equal(image, originals[key][0]), (name, index)
+
+
+def test_index_bytes_of_both_layouts():
+    samples = imagenet_like_samples(2000)
+    assert len({s.label for s in samples}) == 1000 and samples[-1].path.endswith("n00000999_1.JPEG")
+    assert 0 < index_bytes(SampleArray(samples)) < index_bytes(samples)

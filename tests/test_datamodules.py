@@ -20,6 +20,7 @@ import torch
 from data_builders import (  # tests/ is on sys.path (pytest prepends it)
     BACKGROUND,
     CARS_LAYOUTS,
+    CUB_LAYOUTS,
     IMAGENET_LAYOUTS,
     build_cars,
     build_cub,
@@ -36,6 +37,7 @@ from timm.data.auto_augment import RandAugment
 from datamodules import (
     CUB200,
     CUB200DataModule,
+    DataError,
     ImageDecodeError,
     ImageListDataset,
     ImageNet,
@@ -262,6 +264,23 @@ def test_cub_bad_annotations_fail_at_setup_naming_the_file(tmp_path: Path, damag
     dm = CUB200DataModule(str(built.root), crop_to_bbox=True, **SMALL)
     with pytest.raises(error, match=message):
         dm.setup("fit")
+
+
+@pytest.mark.parametrize("layout", CUB_LAYOUTS)
+def test_cub_mirror_layouts_are_detected(tmp_path: Path, layout: str) -> None:
+    built = build_cub(tmp_path, layout=layout)
+    dm = CUB200DataModule(str(tmp_path), **SMALL)  # the parent of everything, whatever the mirror
+    assert dm.class_names == built.class_names
+    dm.setup()
+    assert pairs(dm.train_dataset) == built.splits["train"]
+    assert pairs(dm.test_dataset) == built.splits["test"]
+    assert dm.train_dataset[0][0].shape == (3, 32, 32)
+
+
+def test_cub_class_folders_have_no_boxes_to_crop_to(tmp_path: Path) -> None:
+    build_cub(tmp_path, layout="class_folders")
+    with pytest.raises(DataError, match="crop_to_bbox=True: .* holds CUB in class folders"):
+        CUB200DataModule(str(tmp_path), crop_to_bbox=True, **SMALL).setup("fit")
 
 
 def test_cub_missing_root_says_where_it_looked(tmp_path: Path) -> None:
@@ -609,3 +628,29 @@ def test_posterize_at_zero_bits_gives_black_as_timm_meant() -> None:
     op.prob = 1.0  # magnitude 10: 4 - 4 = 0 bits kept, which Pillow >= 11 refuses
     image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
     assert not np.asarray(op(image)).any()
+
+
+# -- the compact sample index ---------------------------------------------------------------------
+
+
+def test_sample_array_gives_back_every_sample_and_subsets_share_the_names() -> None:
+    from datamodules import SampleArray
+
+    samples = [
+        Sample("/data/train/n01/a.JPEG", 0),
+        Sample("/data/train/n01/bé.JPEG", 0, (1.5, 2.0, 30.0, 40.25)),
+        Sample("/data/train/n02/" + os.fsdecode(b"\xff-not-utf8.jpg"), 1),
+        Sample("relative/c.png", 7),
+    ]
+    array = SampleArray(samples)
+    assert list(array) == samples and len(array) == 4
+    assert array[-1] == samples[-1] and array[1].box == (1.5, 2.0, 30.0, 40.25)
+    assert list(array[1:3]) == samples[1:3]
+    taken = array.take([3, 0, 2])
+    assert list(taken) == [samples[3], samples[0], samples[2]]
+    assert taken.name_bytes is array.name_bytes and taken.labels.tolist() == [7, 0, 1]
+    with pytest.raises(IndexError):
+        array[4]
+    assert list(SampleArray([])) == [] and SampleArray(samples[:1]).boxes is None
+    dataset = ImageListDataset(samples, [str(c) for c in range(8)])
+    assert dataset.targets == [0, 0, 1, 7] and list(dataset.subset([1]).samples) == [samples[1]]
