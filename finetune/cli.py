@@ -12,43 +12,48 @@ Wiring decisions:
 - The data config goes the other way, model -> data, at instantiation: the datamodule's
   ``img_size``, ``mean``, ``std``, ``interpolation`` and ``crop_pct`` are the model's pretrained
   config (with ``model_kwargs.img_size`` applied), so a recipe states the model once.
-- Checkpoints: ``checkpoint.*`` flags configure a ModelCheckpoint (monitor ``val/top1``, ``last.ckpt``
-  always, also on Ctrl-C/SIGTERM) whose files are written to a temporary name and renamed into place.
-- Loggers: CSV and TensorBoard, both writing to ``--run_dir`` (default ``runs/default``; recipes set
-  ``runs/<recipe>``) with no version subfolder, so ``--ckpt_path last`` finds the previous run's
-  ``last.ckpt`` there; the saved config.yaml is overwritten, so a second run is never blocked.
+- Checkpoints: ``checkpoint.*`` flags configure Lightning's ModelCheckpoint (``last.ckpt`` every epoch
+  and on Ctrl-C/SIGTERM; ``best-epochNNN.ckpt`` when ``checkpoint.monitor`` is set); files are written
+  to a temporary name and renamed into place (:class:`finetune.checkpoint_io.AtomicCheckpointIO`).
+- The run folder (``--run_dir``, recipes set ``runs/<recipe>``) keeps its whole history
+  (:mod:`finetune.run_folder`): ``fit`` logs to it and a resume appends; ``validate``, ``test`` and
+  ``predict`` write ``<run_dir>/<command>/version_N/``; a command that fails on bad input takes back
+  what it created.
 """
 
 from __future__ import annotations
 
-import csv
 import importlib
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from jsonargparse import ArgumentError
-from lightning import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
+from lightning import Callback, Trainer
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
 
-from .backbones.checkpoint import CheckpointMismatchError
-from .hub import ExportError, HubError, PushToHubCallback
-from .module import FinetuneConfigError, ImageClassifier
+from .callbacks import CheckpointSettings, RunSummary, checkpoint_callbacks
+from .checkpoint_io import AtomicCheckpointIO
+from .errors import FinetuneError, UsageError
+from .hub import PushToHubCallback
+from .module import ImageClassifier
+from .predict import ImagePaths, ImagePathsDataModule, PredictionWriter, list_images
+from .run_folder import (
+    CreatedFilesGuard,
+    HistoryCSVLogger,
+    next_config_name,
+    next_version_dir,
+    training_history,
+)
 
-__all__ = ["main", "FinetuneCLI", "EXTRA_COMMANDS", "RECIPES_DIR", "UsageError", "resolve_recipe"]
+__all__ = ["main", "FinetuneCLI", "EXTRA_COMMANDS", "RECIPES_DIR", "UsageError", "resolve_recipe", "run_cli"]
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -59,12 +64,6 @@ EXTRA_COMMANDS: dict[str, str] = {
     "convert": "finetune.hub:convert_main",
     "visualize": "finetune.visualize:main",
 }
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class UsageError(ValueError):
-    """Bad command-line input, reported as one line."""
 
 
 # --------------------------------------------------------------------------- recipes
@@ -109,245 +108,21 @@ def expand_recipe(argv: Sequence[str]) -> list[str]:
     return args[:at] + configs + args[at:]
 
 
-# --------------------------------------------------------------------------- checkpoints
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes local checkpoints to a temporary file in the same folder, then renames it into place.
-
-    An interrupted write (Ctrl-C, SIGKILL, full disk) leaves the previous ``last.ckpt`` intact
-    instead of a truncated one. Remote paths (``s3://`` ...) go through Lightning's fsspec writer.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
-    ) -> None:
-        if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-class FinetuneCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint with this project's defaults and atomic writes (see ``AtomicCheckpointIO``)."""
-
-    def __init__(
-        self,
-        dirpath: str | None = None,
-        filename: str = "best-epoch{epoch:03d}",
-        monitor: str = "val/top1",
-        mode: str = "max",
-        save_top_k: int = 1,
-        save_last: bool = True,
-        save_on_exception: bool = True,
-        every_n_epochs: int | None = None,
-    ) -> None:
-        super().__init__(
-            dirpath=dirpath,
-            filename=filename,
-            monitor=monitor,
-            mode=mode,
-            save_top_k=save_top_k,
-            save_last=save_last,
-            save_on_exception=save_on_exception,
-            every_n_epochs=every_n_epochs,
-            auto_insert_metric_name=False,
-            enable_version_counter=False,  # one run per run_dir: a re-run replaces, never adds last-v1.ckpt
-        )
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # Only last.ckpt: Lightning would also write a "best-..." file for a model that may not be the best.
-        if self._should_save_on_exception(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            rank_zero_info(
-                f"{type(exception).__name__}: saved {self.last_model_path}; resume with --ckpt_path last"
-            )
-
-    def _refresh_last(self, trainer: Trainer) -> None:
-        # Lightning 2.6 only rewrites last.ckpt when a top-k checkpoint was saved at the same step;
-        # a resumable last.ckpt must follow every epoch.
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        super().setup(trainer, pl_module, stage)
-
-
-# --------------------------------------------------------------------------- run summary
-class RunSummary(Callback):
-    """Prints the datamodule's banner (if any) and, at the end of fit, a rich table of the run."""
-
-    def __init__(self) -> None:
-        self.start = 0.0
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.start = time.perf_counter()
-        if trainer.is_global_zero:
-            self._notes(trainer, pl_module)
-
-    @staticmethod
-    def _notes(trainer: Trainer, pl_module: LightningModule) -> None:
-        console = _console()
-        banner = getattr(trainer.datamodule, "banner", None)
-        if banner:
-            console.print(f"[bold yellow]{banner}[/]")
-        if pl_module.hparams.get("pretrained") is False:
-            console.print("[bold yellow]The model trains from random weights (model.pretrained: false).[/]")
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must take part
-        if not trainer.is_global_zero:
-            return
-        from rich.table import Table
-
-        best = getattr(pl_module, "best_metrics", None) or {}
-        ckpt = trainer.checkpoint_callback
-        table = Table(title="fine-tuning summary", show_header=False)
-        table.add_row("model", str(pl_module.hparams.get("model_name")))
-        table.add_row("best val top-1", f"{100 * best['top1']:.2f}%" if best else "n/a")
-        table.add_row("best val top-5", f"{100 * best['top5']:.2f}%" if best else "n/a")
-        table.add_row("best epoch", str(best.get("epoch", "n/a")))
-        table.add_row("best checkpoint", getattr(ckpt, "best_model_path", "") or "n/a")
-        table.add_row("last checkpoint", getattr(ckpt, "last_model_path", "") or "n/a")
-        table.add_row("log dir", str(log_dir))
-        table.add_row("wall time", f"{time.perf_counter() - self.start:.1f} s")
-        _console().print(table)
-        self._notes(trainer, pl_module)
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=False)
-
-
-# --------------------------------------------------------------------------- predict
-def list_images(inputs: Sequence[str]) -> list[Path]:
-    """Image files among ``inputs`` (files, or folders searched recursively), sorted per folder."""
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise UsageError(f"predict input {item!r} does not exist; give image files or folders")
-    if not paths:
-        raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(inputs)}")
-    return paths
-
-
-class ImagePaths(Dataset):
-    """``(image tensor, index)`` for a list of image files, through a transform of RGB arrays."""
-
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Any], torch.Tensor]) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from datamodules.transforms import load_rgb
-
-        return self.transform(load_rgb(self.paths[index])), index
-
-
-class ImagePathsDataModule(LightningDataModule):
-    """The predict data: the configured datamodule's eval transform over image files."""
-
-    def __init__(self, dataset: ImagePaths, batch_size: int, num_workers: int) -> None:
-        super().__init__()
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False
-        )
-
-
-class PredictionWriter(BasePredictionWriter):
-    """``predict`` settings and output: top-5 class names and scores per image, as a CSV.
-
-    Args:
-        inputs: image files or folders to classify (``predict`` only).
-        output: the CSV file to write (one row per image: path, then class and score for each rank).
-    """
-
-    def __init__(self, inputs: list[str] | None = None, output: str = "predictions.csv") -> None:
-        super().__init__(write_interval="batch")
-        self.inputs = inputs
-        self.output = output
-        self.rows: list[list[Any]] = []
-
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: dict[str, torch.Tensor],
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        dataset: ImagePaths = trainer.predict_dataloaders.dataset
-        names = pl_module.class_names
-        for index, classes, scores in zip(
-            batch[1].tolist(), prediction["indices"].tolist(), prediction["scores"].tolist(), strict=True
-        ):
-            row: list[Any] = [str(dataset.paths[index])]
-            for c, s in zip(classes, scores, strict=True):
-                row += [names[c], f"{s:.6f}"]
-            self.rows.append(row)
-
-    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        rows = self.rows
-        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            gathered: list[Any] = [None] * trainer.world_size
-            dist.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
-        if trainer.is_global_zero:
-            unique = {row[0]: row for row in rows}  # DistributedSampler pads with repeats
-            k = (len(rows[0]) - 1) // 2 if rows else 0
-            header = ["path"] + [f"{kind}{r}" for r in range(1, k + 1) for kind in ("class", "score")]
-            out = Path(self.output).expanduser()
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with open(out, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(header)
-                writer.writerows(unique[path] for path in sorted(unique))
-            _console().print(f"wrote {len(unique)} predictions to {out}")
-        self.rows = []
-
-
 # --------------------------------------------------------------------------- the CLI
 class FinetuneCLI(LightningCLI):
-    """LightningCLI with this project's defaults, links and predict wiring."""
+    """LightningCLI with this project's defaults, links, run folder and predict wiring.
+
+    ``guard`` records what the run folder held before the command, so that :func:`main` can take back
+    what a command that failed on bad input created.
+    """
+
+    def __init__(self, *args: Any, guard: CreatedFilesGuard | None = None, **kwargs: Any) -> None:
+        self.guard = guard if guard is not None else CreatedFilesGuard()
+        self.log_dir: Path | None = None
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(FinetuneCheckpoint, "checkpoint")
+        parser.add_class_arguments(CheckpointSettings, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction")
         for key in ("mean", "std", "interpolation", "crop_pct"):
             parser.link_arguments(
@@ -360,32 +135,54 @@ class FinetuneCLI(LightningCLI):
             "--run_dir",
             type=str,
             default="runs/default",
-            help="Folder of the run: CSV + TensorBoard logs, config.yaml, confusion matrices, checkpoints/. "
-            "Fixed (no version_N), so --ckpt_path last resumes the run in it.",
+            help="Folder of the run: fit's metrics.csv, TensorBoard events, config.yaml and checkpoints/ "
+            "(a resume with --ckpt_path last continues them); validate/test/predict write "
+            "<run_dir>/<command>/version_N/.",
         )
         parser.add_argument(
             "--push_to_hub",
             type=str | None,
             default=None,
-            help="fit: at the end, export the best checkpoint and push it to this Hub repo (owner/name).",
+            help="fit: at the end, export the best (else last) checkpoint and push it to this Hub repo (owner/name).",
         )
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            self.guard.watch(self._get(self.config, "run_dir"))
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        # Rich progress bar unless the run turns progress bars off (Lightning refuses both at once).
         trainer_config = self._get(self.config_init, "trainer", default={})
+        run_dir = Path(self._get(self.config_init, "run_dir"))
+        ckpt_path = self._get(self.config_init, "ckpt_path")
+        # Rich progress bar unless the run turns progress bars off (Lightning refuses both at once).
         callbacks: list[Callback] = [RunSummary()]
         if trainer_config.get("enable_progress_bar") is not False:
             callbacks.insert(0, RichProgressBar())
-        repo_id = self._get(self.config_init, "push_to_hub", default=None)
-        if repo_id:
-            callbacks.append(PushToHubCallback(repo_id))
+        if self.subcommand == "fit":
+            history = training_history(run_dir)
+            if ckpt_path is None and history:
+                raise UsageError(
+                    f"--run_dir {run_dir} already holds a training run ({history[0]}); resume it with "
+                    "--ckpt_path last, or give a new --run_dir"
+                )
+            self.log_dir = run_dir
+            callbacks += checkpoint_callbacks(run_dir / "checkpoints", self._get(self.config_init, "checkpoint"))
+            repo_id = self._get(self.config_init, "push_to_hub", default=None)
+            if repo_id:
+                callbacks.append(PushToHubCallback(repo_id))
+            if ckpt_path is not None:  # resuming: the sanity check would draw from the restored RNG streams
+                kwargs["num_sanity_val_steps"] = 0
+        else:
+            self.log_dir = next_version_dir(run_dir / str(self.subcommand))
+        self.save_config_kwargs = {"config_filename": next_config_name(self.log_dir), "overwrite": False}
         self.trainer_defaults["callbacks"] = callbacks
         if trainer_config.get("logger") in (None, True):
-            run_dir = self._get(self.config_init, "run_dir")
-            kwargs["logger"] = [
-                CSVLogger(save_dir=run_dir, name="", version=""),
-                TensorBoardLogger(save_dir=run_dir, name="", version=""),
-            ]
+            loggers: list[Logger] = [HistoryCSVLogger(self.log_dir)]
+            if self.subcommand == "fit":
+                loggers.append(TensorBoardLogger(save_dir=self.log_dir, name="", version=""))
+            kwargs["logger"] = loggers
+        if not trainer_config.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:
@@ -438,7 +235,7 @@ def _parser_kwargs() -> dict[str, Any]:
     }
 
 
-def run_cli(argv: Sequence[str]) -> FinetuneCLI:
+def run_cli(argv: Sequence[str], guard: CreatedFilesGuard | None = None) -> FinetuneCLI:
     """Parse ``argv`` (recipes expanded) and run the subcommand; errors propagate."""
     # argv is always passed explicitly (expanded), which Lightning warns about when sys.argv also has args.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -446,9 +243,9 @@ def run_cli(argv: Sequence[str]) -> FinetuneCLI:
         ImageClassifier,
         None,
         args=expand_recipe(argv),
-        save_config_kwargs={"overwrite": True},
         parser_kwargs=_parser_kwargs(),
         auto_configure_optimizers=False,
+        guard=guard,
     )
 
 
@@ -471,43 +268,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("RPE_FINETUNE_DEBUG"):
         run_cli(argv)
         return 0
+    guard = CreatedFilesGuard()
     try:
-        run_cli(argv)
-    except (
-        UsageError,
-        FinetuneConfigError,
-        CheckpointMismatchError,
-        ExportError,
-        HubError,
-        FileNotFoundError,
-        NotADirectoryError,
-    ) as e:
-        return _fail(_one_line(e))
-    except ArgumentError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        return _fail(f"{detail[:400]} (see --help)")
-    except torch.OutOfMemoryError:
-        return _fail(
-            "out of memory: lower --data.batch_size (raise --trainer.accumulate_grad_batches to keep the "
-            "effective batch size) or use --trainer.precision bf16-mixed"
-        )
+        run_cli(argv, guard)
     except SIGTERMException:
         print("interrupted (SIGTERM); resume with: --ckpt_path last", file=sys.stderr)
         return 1
-    except RuntimeError as e:
-        message = str(e)
-        if "Error(s) in loading state_dict" in message:
-            detail = next((line.strip() for line in message.splitlines()[1:] if line.strip()), "")
-            return _fail(
-                f"the weights do not fit the model ({detail}); is the checkpoint for another architecture?"
-            )
-        if "can't allocate memory" in message or "out of memory" in message.lower():
-            return _fail(
-                "out of memory: lower --data.batch_size (raise --trainer.accumulate_grad_batches to keep "
-                "the effective batch size)"
-            )
-        raise
+    except BaseException as error:
+        message = _bad_input_message(error)
+        if message is None:
+            raise
+        guard.remove_created()
+        return _fail(message)
     return 0
+
+
+def _bad_input_message(error: BaseException) -> str | None:
+    """The one-line report of an error caused by bad input, or None for any other error."""
+    if isinstance(error, (FinetuneError, FileNotFoundError, NotADirectoryError)):
+        return _one_line(error)
+    if isinstance(error, ArgumentError):
+        detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        return f"{detail[:400]} (see --help)"
+    if isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError)
+        and ("can't allocate memory" in str(error) or "out of memory" in str(error).lower())
+    ):
+        return (
+            "out of memory: lower --data.batch_size (raise --trainer.accumulate_grad_batches to keep the "
+            "effective batch size) or use --trainer.precision bf16-mixed"
+        )
+    if isinstance(error, RuntimeError) and "Error(s) in loading state_dict" in str(error):
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
+        return f"the weights do not fit the model ({detail}); is the checkpoint for another architecture?"
+    return None
 
 
 def _fail(message: str) -> int:

@@ -49,6 +49,8 @@ from timm.data import ImageNetInfo
 from timm.models import get_pretrained_cfg, parse_model_name, save_for_hf
 from torch import nn
 
+from .errors import FinetuneError
+
 __all__ = [
     "HubError",
     "ExportError",
@@ -116,11 +118,11 @@ _PAPERS = {
 }
 
 
-class HubError(RuntimeError):
+class HubError(FinetuneError, RuntimeError):
     """A Hub operation failed; the message is one line naming the repo (and file) and the cause."""
 
 
-class ExportError(ValueError):
+class ExportError(FinetuneError, ValueError):
     """A checkpoint or export folder is not what was expected; the message names the file and key."""
 
 

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from .backbones.irpe import METHODS, RPEConfig, bucket_ids
 from .backbones.spvit import SPSAttention
+from .errors import FinetuneError
 from .hub import ExportError, HubError, create_model, load_checkpoint_model
 
 __all__ = [
@@ -75,7 +76,7 @@ CURVE_PATTERNS = {
 }
 
 
-class VisualizeError(ValueError):
+class VisualizeError(FinetuneError, ValueError):
     """Bad input to a visualisation; the message is one line naming the value and what was expected."""
 
 
@@ -393,11 +394,14 @@ def plot_attention(maps: Tensor, image: np.ndarray, query_patch: tuple[int, int]
 
 
 def find_metrics_file(path: Path) -> Path:
-    """``path`` itself if it is a file, else the newest ``metrics.csv`` under the folder ``path``."""
+    """``path`` itself if it is a file; for a run folder its training history ``path/metrics.csv``;
+    else the newest ``metrics.csv`` under the folder ``path`` (e.g. ``validate/version_N/``)."""
     if path.is_file():
         return path
     if not path.is_dir():
         raise VisualizeError(f"--log-dir {path}: no such file or folder")
+    if (path / "metrics.csv").is_file():
+        return path / "metrics.csv"
     found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise VisualizeError(f"--log-dir {path}: no metrics.csv (written by Lightning's CSVLogger) under it")

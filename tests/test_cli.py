@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, tiny_fit_args
+from conftest import TINY_MODEL, folder_state, read_metrics, tiny_fit_args
 
-from finetune.cli import EXTRA_COMMANDS, AtomicCheckpointIO, available_recipes, main, run_cli
+from finetune.checkpoint_io import AtomicCheckpointIO
+from finetune.cli import EXTRA_COMMANDS, available_recipes, main, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,16 +43,16 @@ def fitted(synthetic_cub: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def test_fit_writes_checkpoints_logs_config_and_confusion_matrix(fitted: Path):
     assert (fitted / "checkpoints" / "last.ckpt").is_file()
-    assert list((fitted / "checkpoints").glob("best-epoch*.ckpt"))
+    # data.val_split 0: evaluation runs on the official test split, so nothing is selected on it
+    assert sorted(p.name for p in (fitted / "checkpoints").iterdir()) == ["last.ckpt"]
     assert (fitted / "config.yaml").is_file()
-    assert (fitted / "confusion_matrix_val.png").stat().st_size > 1000
+    assert (fitted / "confusion_matrix_test.png").stat().st_size > 1000
     assert list(fitted.glob("events.out.tfevents.*"))
-    with open(fitted / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    top1 = [float(r["val/top1"]) for r in rows if r.get("val/top1")]
+    rows = read_metrics(fitted / "metrics.csv")
+    top1 = [float(r["test/top1"]) for r in rows if r.get("test/top1")]  # named after the split it comes from
     assert len(top1) == 2 and all(0.0 <= v <= 1.0 for v in top1)
+    assert not any(key.startswith("val/") for key in rows[0])
     assert any(r.get("train/lr") for r in rows)
-    assert not list(fitted.glob("checkpoints/.*.partial"))
 
 
 def test_checkpoint_carries_the_hub_record(fitted: Path):
@@ -62,7 +63,11 @@ def test_checkpoint_carries_the_hub_record(fitted: Path):
     assert info["data_config"]["input_size"] == [3, 32, 32]  # model_kwargs.img_size, linked to the data
     assert info["dataset"] == "CUB200DataModule"
     assert info["ema"] is True and info["pretrained"] is None
-    assert info["metrics"]["split"] == "val"
+    # the metrics are those of exactly these weights: the last epoch, on the official test split
+    assert info["metrics"]["split"] == "test"
+    assert info["metrics"]["step"] == checkpoint["global_step"] and info["metrics"]["epoch"] == 1
+    assert len(info["metrics"]["per_class"]) == 10
+    assert info["best"] is None  # no held-out validation split: no best to select
     assert "model_name: irpe_deit_tiny_patch16_224" in info["config_yaml"]
     assert "run_dir:" in info["config_yaml"] and "fit:" not in info["config_yaml"]
     assert any(k.startswith("ema.module.") for k in checkpoint["state_dict"])
@@ -103,6 +108,55 @@ def test_resume_after_an_interruption_gives_the_same_weights(
     assert (
         resumed["optimizer_states"][0]["state"][0]["step"] == full["optimizer_states"][0]["state"][0]["step"]
     )
+    # the resume continued the history: the curves of both parts, as the uninterrupted run logged them
+    rows, full_rows = read_metrics(run_dir / "metrics.csv"), read_metrics(fitted / "metrics.csv")
+    assert [r["step"] for r in rows if r.get("train/loss_step")] == [
+        r["step"] for r in full_rows if r.get("train/loss_step")
+    ]
+    assert [r["epoch"] for r in rows if r.get("test/top1")] == ["0", "1"]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "config-resume-1.yaml").is_file()
+
+
+# ----------------------------------------------------------------------------- run folder history
+def test_a_fresh_fit_into_a_run_folder_with_a_training_history_is_refused(fitted, synthetic_cub, capsys):
+    before = folder_state(fitted)
+    assert main(["fit", *tiny_fit_args(synthetic_cub, fitted)]) == 2
+    line = one_line_error(capsys)
+    assert f"--run_dir {fitted} already holds a training run" in line and "--ckpt_path last" in line
+    assert folder_state(fitted) == before
+
+
+def test_validate_writes_its_own_version_folder_and_keeps_the_run(fitted, synthetic_cub):
+    before = folder_state(fitted)
+    args = ["validate", *tiny_fit_args(synthetic_cub, fitted), "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt")]
+    assert main(args) == 0 and main(args) == 0
+    after = folder_state(fitted)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing changed or removed
+    new = sorted(set(after) - set(before))
+    versions = sorted({Path(k).parts[1] for k in new})
+    assert {Path(k).parts[0] for k in new} == {"validate"} and len(versions) == 2
+    for version in versions:
+        folder = fitted / "validate" / version
+        assert {"metrics.csv", "config.yaml", "confusion_matrix_test.png"} <= {p.name for p in folder.iterdir()}
+        assert read_metrics(folder / "metrics.csv")[0]["test/top1"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["validate", "--data.root", "/no/such/CUB"],
+        ["validate", "--ckpt_path", "/no/such/last.ckpt"],
+        ["fit", "--ckpt_path", "/no/such/last.ckpt"],
+        ["fit", "--ckpt_path", "last", "--model.num_classes", "3"],
+    ],
+    ids=["validate-data-root", "validate-ckpt-path", "resume-ckpt-path", "resume-num-classes"],
+)
+def test_a_failed_command_leaves_the_run_folder_as_it_was(fitted, synthetic_cub, capsys, bad):
+    before = folder_state(fitted)
+    command, flags = bad[0], bad[1:]
+    assert main([command, *tiny_fit_args(synthetic_cub, fitted), *flags]) == 2
+    one_line_error(capsys)
+    assert folder_state(fitted) == before
 
 
 def test_validate_links_the_model_data_config_into_the_datamodule(fitted: Path, synthetic_cub: Path):
@@ -119,7 +173,7 @@ def test_validate_links_the_model_data_config_into_the_datamodule(fitted: Path, 
     assert cli.datamodule.hparams.img_size == 32
     assert list(cli.datamodule.hparams.mean) == pytest.approx(cli.model.data_config["mean"])
     assert cli.datamodule.hparams.crop_pct == cli.model.data_config["crop_pct"]
-    assert 0.0 <= float(cli.trainer.callback_metrics["val/top1"]) <= 1.0
+    assert 0.0 <= float(cli.trainer.callback_metrics["test/top1"]) <= 1.0  # val_split 0: the test split
 
 
 def test_eval_crop_pct_reaches_the_datamodule(synthetic_cub: Path, tmp_path: Path):
@@ -144,7 +198,6 @@ def test_test_subcommand_reports_metrics_and_a_test_confusion_matrix(fitted: Pat
 
 
 def test_predict_writes_top5_names_and_scores(fitted: Path, synthetic_cub: Path, tmp_path: Path):
-    out = tmp_path / "preds.csv"
     images = synthetic_cub / "CUB_200_2011" / "images" / "001.Red_headed_Two_Barred_Long_tailed"
     code = main(
         [
@@ -154,11 +207,11 @@ def test_predict_writes_top5_names_and_scores(fitted: Path, synthetic_cub: Path,
             str(fitted / "checkpoints" / "last.ckpt"),
             "--prediction.inputs",
             f"[{images}]",
-            "--prediction.output",
-            str(out),
         ]
     )
     assert code == 0
+    out = tmp_path / "p" / "predict" / "version_0" / "predictions.csv"  # the command's own folder
+    assert (out.parent / "config.yaml").is_file()
     with open(out) as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["path"] + [f"{k}{r}" for r in range(1, 6) for k in ("class", "score")]
@@ -342,6 +395,8 @@ def test_sigterm_leaves_a_resumable_last_checkpoint(synthetic_cub, tmp_path):
     assert proc.returncode == 1, output[-3000:]
     assert "resume with: --ckpt_path last" in output
     interrupted = torch.load(last, weights_only=True)
+    steps_before = [r["step"] for r in read_metrics(run_dir / "metrics.csv") if r.get("train/loss_step")]
+    assert steps_before and steps_before[0] == "0"
     assert (
         main(
             [
@@ -354,6 +409,9 @@ def test_sigterm_leaves_a_resumable_last_checkpoint(synthetic_cub, tmp_path):
         == 0
     )
     assert torch.load(last, weights_only=True)["epoch"] == interrupted["epoch"] + 1
+    steps_after = [r["step"] for r in read_metrics(run_dir / "metrics.csv") if r.get("train/loss_step")]
+    assert steps_after[: len(steps_before)] == steps_before  # the curves before the interruption are kept
+    assert len(steps_after) > len(steps_before)
 
 
 @pytest.mark.slow
@@ -378,6 +436,6 @@ def test_ddp_on_two_cpu_processes_reports_the_same_metrics_on_both_ranks(synthet
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rank0 = json.loads((tmp_path / "ranks" / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "ranks" / "rank1.json").read_text())
-    assert {"val/top1", "val/top5", "val/mean_class_acc"} <= set(rank0)
+    assert {"test/top1", "test/top5", "test/mean_class_acc"} <= set(rank0)
     assert rank0 == pytest.approx(rank1)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

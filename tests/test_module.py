@@ -215,7 +215,9 @@ def test_checkpoint_record_and_weights_only_loading(tmp_path):
     }
     assert info["metrics"]["split"] == "val" and info["metrics"]["epoch"] == 0
     assert 0.0 <= info["metrics"]["top1"] <= info["metrics"]["top5"] <= 1.0
-    assert set(info["per_class_accuracy"]) == set(info["class_names"])
+    assert set(info["metrics"]["per_class"]) == set(info["class_names"])
+    assert info["metrics"]["step"] == checkpoint["global_step"]  # the evaluation of exactly these weights
+    assert info["best"] == info["metrics"]
     assert info["pretrained"] is None and info["ema"] is True and info["dataset"] == "tensors"
 
     loaded = ImageClassifier.load_from_checkpoint(path, map_location="cpu")

@@ -1,0 +1,124 @@
+"""Callbacks of the command line: the checkpoints of a fit and the summary printed at its end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from .record import SPLIT_NAMES, EvalMetrics
+
+__all__ = ["CheckpointSettings", "checkpoint_callbacks", "RunSummary", "LAST_CHECKPOINT"]
+
+LAST_CHECKPOINT = "last"
+
+
+@dataclass
+class CheckpointSettings:
+    """What ``fit`` keeps in ``<run_dir>/checkpoints/``: always ``last.ckpt`` (every epoch and on Ctrl-C or
+    SIGTERM), and with ``monitor`` also the best checkpoints as ``best-epochNNN.ckpt``.
+
+    Args:
+        monitor: the metric that selects best checkpoints, e.g. ``val/top1`` (needs a validation split
+            held out from the training split, ``data.val_split > 0``); ``None``: keep the last epoch only.
+        mode: ``max`` (accuracies) or ``min`` (losses).
+        save_top_k: how many best checkpoints to keep.
+        every_n_epochs: save every this many epochs.
+    """
+
+    monitor: str | None = None
+    mode: Literal["max", "min"] = "max"
+    save_top_k: int = 1
+    every_n_epochs: int = 1
+
+
+def checkpoint_callbacks(dirpath: Path, settings: CheckpointSettings) -> list[ModelCheckpoint]:
+    """Lightning's ModelCheckpoint for ``last.ckpt`` (and one selecting best checkpoints when monitoring),
+    the selecting one first so that it is ``trainer.checkpoint_callback``."""
+    last = ModelCheckpoint(
+        dirpath=dirpath,
+        filename=LAST_CHECKPOINT,
+        save_top_k=1,
+        every_n_epochs=settings.every_n_epochs,
+        save_on_exception=True,
+        enable_version_counter=False,  # one training run per run_dir: a resume continues last.ckpt
+    )
+    if settings.monitor is None:
+        return [last]
+    best = ModelCheckpoint(
+        dirpath=dirpath,
+        filename="best-epoch{epoch:03d}",
+        monitor=settings.monitor,
+        mode=settings.mode,
+        save_top_k=settings.save_top_k,
+        every_n_epochs=settings.every_n_epochs,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    return [best, last]
+
+
+def describe(metrics: EvalMetrics | None) -> str:
+    """``top-1 93.33%, top-5 100.00% (official test split, epoch 3)`` or ``not evaluated``."""
+    if metrics is None:
+        return "not evaluated"
+    return (
+        f"top-1 {100 * metrics.top1:.2f}%, top-5 {100 * metrics.top5:.2f}% "
+        f"({SPLIT_NAMES[metrics.split]}, epoch {metrics.epoch})"
+    )
+
+
+class RunSummary(Callback):
+    """Says which split validation runs on when fit starts, and prints a table of the run at its end."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.start = time.perf_counter()
+        if trainer.is_global_zero:
+            self._notes(trainer, pl_module)
+
+    @staticmethod
+    def _notes(trainer: Trainer, pl_module: LightningModule) -> None:
+        console = _console()
+        banner = getattr(trainer.datamodule, "banner", None)
+        if banner:
+            console.print(f"[bold yellow]{banner}[/]")
+        if pl_module.hparams.get("pretrained") is False:
+            console.print("[bold yellow]The model trains from random weights (model.pretrained: false).[/]")
+        split = getattr(pl_module, "validation_split", "val")
+        console.print(
+            f"Evaluation during fit runs on the {SPLIT_NAMES[split]} (logged as {split}/*)"
+            + ("; checkpoints are not selected on it." if split == "test" else ".")
+        )
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must take part
+        if not trainer.is_global_zero:
+            return
+        from rich.table import Table
+
+        table = Table(title="fine-tuning summary", show_header=False)
+        table.add_row("model", str(pl_module.hparams.get("model_name")))
+        table.add_row("last epoch", describe(getattr(pl_module, "measured", None)))
+        selecting = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor]
+        if selecting:
+            table.add_row(f"best ({selecting[0].monitor})", describe(getattr(pl_module, "best_metrics", None)))
+            table.add_row("best checkpoint", selecting[0].best_model_path or "n/a")
+        last = Path(trainer.checkpoint_callback.dirpath or ".") / f"{LAST_CHECKPOINT}.ckpt" if trainer.checkpoint_callback else None
+        table.add_row("last checkpoint", str(last) if last is not None and last.is_file() else "n/a")
+        table.add_row("log dir", str(log_dir))
+        table.add_row("wall time", f"{time.perf_counter() - self.start:.1f} s")
+        _console().print(table)
+        self._notes(trainer, pl_module)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=False)
