@@ -42,6 +42,8 @@ class CUB200(OnDiskDataset):
         folder = self.find_folder(root)
         classes = self.read_class_names(root)
         images = read_rows(folder / "images.txt", (int, str))
+        if not images:
+            raise ValueError(f"{folder / 'images.txt'}: lists no images; expected one 'id path' line per image")
         labels_file = folder / "image_class_labels.txt"
         labels = dict(read_rows(labels_file, (int, int)))
         split_file = folder / "train_test_split.txt"

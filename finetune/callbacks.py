@@ -1,7 +1,9 @@
-"""Callbacks of the command line: the checkpoints of a fit and the summary printed at its end."""
+"""Callbacks of the command line: the checkpoints of a fit, the summary printed at its end, the push to
+the Hub after it."""
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +12,12 @@ from typing import Any, Literal
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from .errors import FinetuneError
+from .export import export_checkpoint
 from .record import SPLIT_NAMES, EvalMetrics
+from .upload import check_target, push_folder, report_push
 
-__all__ = ["CheckpointSettings", "checkpoint_callbacks", "RunSummary", "LAST_CHECKPOINT"]
+__all__ = ["CheckpointSettings", "checkpoint_callbacks", "RunSummary", "PushToHubCallback", "LAST_CHECKPOINT"]
 
 LAST_CHECKPOINT = "last"
 
@@ -122,3 +127,48 @@ def _console() -> Any:
     from rich.console import Console
 
     return Console(stderr=False)
+
+
+class PushToHubCallback(Callback):
+    """At the end of ``fit``, export the best (else last) checkpoint and push it to ``repo_id``.
+
+    The folder goes to ``export_dir`` (default ``<checkpoint dir>/hub_export/<name>``). A failed export
+    or upload does not fail the run: the one-line error (with the retry command) is printed and kept
+    in :attr:`error`.
+    """
+
+    def __init__(self, repo_id: str, private: bool = False, revision: str | None = None,
+                 create_pr: bool = False, export_dir: str | None = None) -> None:
+        check_target(repo_id, revision, create_pr)  # fail before training, not after
+        self.repo_id, self.private, self.revision, self.create_pr = repo_id, private, revision, create_pr
+        self.export_dir = export_dir
+        self.error: str | None = None
+        self.commit: Any = None
+
+    def _checkpoint(self, trainer: Trainer) -> Path:
+        """The best checkpoint when the run selects on a validation split, else the last one."""
+        callbacks = sorted(trainer.checkpoint_callbacks, key=lambda cb: not getattr(cb, "monitor", None))
+        for callback in callbacks:
+            path = getattr(callback, "best_model_path", "")
+            if path and Path(path).is_file():
+                return Path(path)
+        path = Path(trainer.default_root_dir) / "hub_final.ckpt"
+        trainer.save_checkpoint(path)  # collective: every rank takes part
+        return path
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        ckpt = self._checkpoint(trainer)
+        if not trainer.is_global_zero:
+            return
+        name = self.repo_id.split("/")[1]
+        folder = Path(self.export_dir) if self.export_dir else ckpt.parent / "hub_export" / name
+        try:
+            export_checkpoint(ckpt, folder, repo_id=self.repo_id)
+            print(f"exported {ckpt} to {folder}")
+            self.commit = push_folder(folder, self.repo_id, private=self.private, revision=self.revision,
+                                      create_pr=self.create_pr)
+        except FinetuneError as err:
+            self.error = str(err)
+            print(f"error: {err}", file=sys.stderr)
+            return
+        report_push(self.commit, self.repo_id)

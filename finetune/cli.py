@@ -39,12 +39,20 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks import CheckpointSettings, RunSummary, checkpoint_callbacks
+import datamodules  # noqa: F401  (imported so that --data accepts short class names: --data.help CUB200DataModule)
+
+from .callbacks import (
+    LAST_CHECKPOINT,
+    CheckpointSettings,
+    PushToHubCallback,
+    RunSummary,
+    checkpoint_callbacks,
+)
 from .checkpoint_io import AtomicCheckpointIO
 from .errors import FinetuneError, UsageError
-from .hub import PushToHubCallback
 from .module import ImageClassifier
 from .predict import ImagePaths, ImagePathsDataModule, PredictionWriter, list_images
+from .record import CheckpointRecord
 from .run_folder import (
     CreatedFilesGuard,
     HistoryCSVLogger,
@@ -52,6 +60,7 @@ from .run_folder import (
     next_version_dir,
     training_history,
 )
+from .weights import read_checkpoint
 
 __all__ = ["main", "FinetuneCLI", "EXTRA_COMMANDS", "RECIPES_DIR", "UsageError", "resolve_recipe", "run_cli"]
 
@@ -60,8 +69,8 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # Extra subcommands: name -> "module:function"; the function takes the remaining argv (a list of
 # str) and returns an exit code (or None for 0).
 EXTRA_COMMANDS: dict[str, str] = {
-    "push": "finetune.hub:push_main",
-    "convert": "finetune.hub:convert_main",
+    "push": "finetune.commands:push_main",
+    "convert": "finetune.commands:convert_main",
     "visualize": "finetune.visualize:main",
 }
 
@@ -146,6 +155,30 @@ class FinetuneCLI(LightningCLI):
             help="fit: at the end, export the best (else last) checkpoint and push it to this Hub repo (owner/name).",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` before Lightning reads it: the file must be a complete checkpoint
+        of the fine-tuning module, and ``fit`` must resume it with the model it holds."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = str(Path(config.run_dir) / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt")
+            if not Path(ckpt_path).is_file():
+                return  # Lightning starts afresh (with a warning): "last" may be set before the first run
+        elif ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
+            return
+        record = CheckpointRecord.from_checkpoint(read_checkpoint(ckpt_path), f"--ckpt_path {ckpt_path}")
+        model_name = config.model.model_name
+        if subcommand == "fit" and record.model_name != model_name:
+            raise UsageError(
+                f"--ckpt_path {ckpt_path} holds a {record.model_name} model but the recipe/flags train {model_name}; "
+                f"resume it with --model.model_name {record.model_name}, or start {model_name} from its weights "
+                f"with --model.pretrained {ckpt_path} (without --ckpt_path)"
+            )
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
             self.guard.watch(self._get(self.config, "run_dir"))
@@ -228,8 +261,14 @@ def _parser_kwargs() -> dict[str, Any]:
         f"available: {', '.join(available_recipes())}. Example: cli.py fit --recipe cub200 --data.root PATH"
     )
     sub = {"exit_on_error": False, "epilog": epilog}
+    usage = (
+        "Fine-tune vision transformers with 2D relative position encodings. Usage: cli.py "
+        "{fit,validate,test,predict} [--recipe NAME] [--config FILE] [--KEY VALUE ...]; also cli.py push "
+        "(export a checkpoint and upload it to the Hugging Face Hub), cli.py convert (an official release -> "
+        "a Hub-ready folder) and cli.py visualize (buckets, priors, attention, curves), each with --help."
+    )
     return {
-        "description": __doc__.split("\n\n")[0],
+        "description": usage,
         **sub,
         **{name: sub for name in FinetuneCLI.subcommands()},
     }
@@ -247,6 +286,15 @@ def run_cli(argv: Sequence[str], guard: CreatedFilesGuard | None = None) -> Fine
         auto_configure_optimizers=False,
         guard=guard,
     )
+
+
+def _raised_by(package: str, error: BaseException) -> bool:
+    """Whether ``error`` was raised by code of ``package`` itself (its innermost frame is there)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    name = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return name == package or name.startswith(package + ".")
 
 
 def _one_line(error: BaseException) -> str:
@@ -287,6 +335,8 @@ def _bad_input_message(error: BaseException) -> str | None:
     """The one-line report of an error caused by bad input, or None for any other error."""
     if isinstance(error, (FinetuneError, FileNotFoundError, NotADirectoryError)):
         return _one_line(error)
+    if isinstance(error, (ValueError, OSError)) and _raised_by("datamodules", error):
+        return _one_line(error)  # the datamodules' checks of annotation files: one line naming the file
     if isinstance(error, ArgumentError):
         detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         return f"{detail[:400]} (see --help)"

@@ -34,7 +34,6 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
@@ -51,6 +50,7 @@ import finetune  # noqa: F401  (registers the iRPE / SP-ViT backbones with timm)
 from finetune.errors import FinetuneError
 from finetune.record import SPLIT_NAMES, CheckpointRecord, EvalMetrics, plain
 from finetune.resize import resolution_args
+from finetune.weights import create_model
 
 __all__ = ["ImageClassifier", "FinetuneConfigError"]
 
@@ -149,12 +149,8 @@ class ImageClassifier(L.LightningModule):
     def _finalize(self, num_classes: int, class_names: list[str] | None) -> None:
         """Size the head, create EMA, Mixup and metrics once the classes are known (idempotent)."""
         if self.num_classes is not None:
-            if num_classes != self.num_classes:
-                raise FinetuneConfigError(
-                    f"num_classes mismatch: the model has {self.num_classes} classes but the data/checkpoint "
-                    f"has {num_classes}; use a checkpoint trained on this dataset or set "
-                    f"model.num_classes {num_classes}"
-                )
+            if num_classes != self.num_classes:  # the callers say which sides differ
+                raise FinetuneConfigError(f"num_classes mismatch: {self.num_classes} classes, then {num_classes}")
             if class_names is not None:
                 self.class_names = list(class_names)
             return
@@ -193,6 +189,12 @@ class ImageClassifier(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         num_classes = getattr(datamodule, "num_classes", None)
         if num_classes is not None:
+            if self.num_classes is not None and num_classes != self.num_classes:
+                raise FinetuneConfigError(
+                    f"num_classes mismatch: model.num_classes={self.num_classes} but the data "
+                    f"({type(datamodule).__name__}) has {num_classes} classes; remove --model.num_classes "
+                    "(the classes come from the data)"
+                )
             self._finalize(num_classes, getattr(datamodule, "class_names", None))
         elif self.num_classes is None and stage != "predict":
             raise FinetuneConfigError(
@@ -489,6 +491,12 @@ class ImageClassifier(L.LightningModule):
                 f"the checkpoint is for model {record.model_name!r} but the model is "
                 f"{self.hparams.model_name!r}; set --model.model_name {record.model_name} or use another checkpoint"
             )
+        if self.num_classes is not None and record.num_classes != self.num_classes:
+            raise FinetuneConfigError(
+                f"num_classes mismatch: the checkpoint has {record.num_classes} classes but the data has "
+                f"{self.num_classes}; use it on the dataset it was trained on ({record.dataset}), or fine-tune "
+                f"its weights on this one with --model.pretrained PATH (no --ckpt_path)"
+            )
         self._finalize(record.num_classes, record.class_names)
         self.measured = record.metrics
         self.best_metrics = record.best
@@ -516,23 +524,14 @@ def _make_metrics(num_classes: int, top_k: int) -> MetricCollection:
 
 
 def _create_model(model_name: str, pretrained: bool | str, model_kwargs: dict[str, Any]) -> nn.Module:
-    """Create the timm model with its pretrained head (the new head is put on in ``_finalize``)."""
-    kwargs = dict(model_kwargs)
-    if isinstance(pretrained, str):
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise FinetuneConfigError(
-                f"model.pretrained file {str(path)!r} does not exist; give an existing checkpoint file, "
-                "true (timm/Hub weights) or false"
-            )
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
-    elif not model_name.startswith("hf-hub:") and not timm.is_model(model_name):
-        close = timm.list_models(f"*{model_name.split('_')[0]}*")[:8]
+    """The timm model with the weights ``pretrained`` names (:func:`finetune.weights.create_model`); the
+    head for the data's classes is put on in ``_finalize``."""
+    if isinstance(pretrained, str) and not Path(pretrained).expanduser().exists():
         raise FinetuneConfigError(
-            f"unknown model {model_name!r}; use a timm model name (e.g. {', '.join(close) or 'resnet50'}) "
-            "or hf-hub:owner/name"
+            f"model.pretrained {pretrained!r} does not exist; give a checkpoint file or an exported folder, "
+            "true (timm/Hub weights) or false"
         )
-    return timm.create_model(model_name, pretrained=bool(pretrained), **kwargs)
+    return create_model(model_name, pretrained, **model_kwargs)
 
 
 def _data_config(model: nn.Module, model_kwargs: dict[str, Any]) -> dict[str, Any]:

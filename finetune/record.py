@@ -112,8 +112,8 @@ class CheckpointRecord:
                 f"{where}: {cls.KEY}.class_names has {len(names)} names for num_classes={data['num_classes']}"
             )
         legacy = "best" not in data and "per_class_accuracy" in data  # metrics held the run's best
-        metrics = None if legacy or data.get("metrics") is None else data["metrics"]
-        best = data.get("metrics") if legacy else data.get("best")
+        metrics = None if legacy else data.get("metrics") or None
+        best = data.get("metrics") if legacy else data.get("best") or None
         return cls(
             model_name=data["model_name"],
             num_classes=int(data["num_classes"]),

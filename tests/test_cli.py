@@ -74,12 +74,12 @@ def test_checkpoint_carries_the_hub_record(fitted: Path):
 
 
 def test_hub_helper_rebuilds_the_model_from_the_checkpoint(fitted: Path, synthetic_cub: Path):
-    from finetune.hub import load_checkpoint_model
+    from finetune.weights import load_checkpoint_model
 
     path = fitted / "checkpoints" / "last.ckpt"
-    model, meta = load_checkpoint_model(path)
+    model, record = load_checkpoint_model(path)
     state = torch.load(path, weights_only=True)["state_dict"]
-    assert meta["num_classes"] == 10 and model.num_classes == 10
+    assert record.num_classes == 10 and model.num_classes == 10
     assert torch.equal(model.state_dict()["head.weight"], state["ema.module.head.weight"])  # EMA weights
 
 
@@ -115,6 +115,70 @@ def test_resume_after_an_interruption_gives_the_same_weights(
     ]
     assert [r["epoch"] for r in rows if r.get("test/top1")] == ["0", "1"]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "config-resume-1.yaml").is_file()
+
+
+# ----------------------------------------------------------------------------- numbers and their splits
+@pytest.fixture(scope="module")
+def selected(synthetic_cub: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-epoch fit validating on 30% of the training split and keeping its best epoch; returns its run_dir."""
+    run_dir = tmp_path_factory.mktemp("runs") / "selected"
+    args = [*tiny_fit_args(synthetic_cub, run_dir, epochs=3), "--data.val_split", "0.3"]
+    assert main(["fit", *args, "--checkpoint.monitor", "val/top1"]) == 0
+    return run_dir
+
+
+def test_a_held_out_validation_split_selects_the_best_epoch(selected: Path):
+    [best] = (selected / "checkpoints").glob("best-epoch*.ckpt")
+    rows = read_metrics(selected / "metrics.csv")
+    assert len([r for r in rows if r.get("val/top1")]) == 3 and not any(k.startswith("test/") for k in rows[0])
+    best_record = torch.load(best, weights_only=True)["finetune"]
+    last_record = torch.load(selected / "checkpoints" / "last.ckpt", weights_only=True)["finetune"]
+    assert best_record["metrics"]["split"] == "val" and best_record["best"] == best_record["metrics"]
+    assert best == selected / "checkpoints" / f"best-epoch{best_record['metrics']['epoch']:03d}.ckpt"
+    assert last_record["metrics"]["epoch"] == 2 and last_record["best"] == best_record["metrics"]
+
+
+def test_selecting_checkpoints_on_the_test_split_is_refused(synthetic_cub, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["fit", *tiny_fit_args(synthetic_cub, run_dir), "--checkpoint.monitor", "val/top1"]) == 2
+    line = one_line_error(capsys)
+    assert "--checkpoint.monitor val/top1: data.val_split is 0" in line and "--data.val_split 0.1" in line
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("which", ["last", "best"])
+def test_the_card_reports_what_the_shipped_weights_measure(selected, synthetic_cub, tmp_path, which):
+    import timm
+    import yaml
+    from timm.data import resolve_model_data_config
+
+    from datamodules import CUB200DataModule
+
+    ckpt = next((selected / "checkpoints").glob("best-epoch*.ckpt" if which == "best" else "last.ckpt"))
+    out = tmp_path / "export"
+    assert main(["push", "--ckpt", str(ckpt), "--repo-id", "me/tiny", "--export-dir", str(out), "--export-only"]) == 0
+    readme = (out / "README.md").read_text()
+    metadata = yaml.safe_load(readme.split("---\n")[1])
+    [result] = metadata["model-index"][0]["results"]
+    card_top1 = next(m["value"] for m in result["metrics"] if m["name"] == "Top-1 accuracy")
+    assert result["dataset"]["split"] == "validation"
+    assert "validation split held out from the official training split" in readme
+
+    # re-measure: the exported weights, on the split the card names, with the preprocessing it ships
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    config = resolve_model_data_config(model)
+    data = CUB200DataModule(
+        str(synthetic_cub), img_size=config["input_size"][-1], batch_size=8, num_workers=0, val_split=0.3,
+        mean=config["mean"], std=config["std"], interpolation=config["interpolation"], crop_pct=config["crop_pct"],
+    )
+    data.setup("fit")
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in data.val_dataloader():
+            correct += int((model(images).argmax(-1) == labels).sum())
+            total += len(labels)
+    assert card_top1 == round(100 * correct / total, 2)
+    assert f"| Top-1 accuracy | {card_top1:.2f}% |" in readme
 
 
 # ----------------------------------------------------------------------------- run folder history
@@ -311,6 +375,15 @@ def test_checkpoint_of_another_architecture(fitted, synthetic_cub, tmp_path, cap
     assert "the checkpoint is for model 'deit_small_patch16_224_ctx_product_50_shared_k'" in one_line_error(
         capsys
     )
+
+
+def test_mixup_with_batches_of_one_image_is_refused(synthetic_cub, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = [*tiny_fit_args(synthetic_cub, run_dir), "--data.batch_size", "1", "--model.mixup", "0.8"]
+    assert main(["fit", *args]) == 2
+    line = one_line_error(capsys)
+    assert "data.batch_size=1 with Mixup/CutMix" in line and "--data.batch_size 2" in line
+    assert not run_dir.exists()
 
 
 def test_out_of_memory_batch(synthetic_cub, tmp_path, capsys):
