@@ -160,8 +160,6 @@ class ImageClassifier(L.LightningModule):
             )
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.hparams.num_classes = self.num_classes
-        self.hparams.class_names = self.class_names
         if self.model.num_classes != num_classes:
             self.model.reset_classifier(num_classes)
         if self.hparams.channels_last:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_MODEL, folder_state, read_metrics, tiny_fit_args
+from data_builders import build_cub, truncate_file
 
-from finetune.checkpoint_io import AtomicCheckpointIO
+from finetune.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from finetune.cli import EXTRA_COMMANDS, available_recipes, main, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,6 +186,56 @@ def test_the_card_reports_what_the_shipped_weights_measure(selected, synthetic_c
     assert f"| Top-1 accuracy | {card_top1:.2f}% |" in readme
 
 
+# ----------------------------------------------------------------------------- naming weights
+def _loaded_model(synthetic_cub: Path, run_dir: Path, *flags: str) -> torch.nn.Module:
+    """The timm model of a fit that trains nothing (max_epochs 0): exactly as its weights were loaded."""
+    return run_cli(["fit", *tiny_fit_args(synthetic_cub, run_dir, epochs=0), *flags]).model.model
+
+
+def test_pretrained_lightning_checkpoint_moves_to_another_resolution(fitted, synthetic_cub, tmp_path):
+    ckpt = fitted / "checkpoints" / "last.ckpt"
+    at_48 = TINY_MODEL.replace("img_size: 32", "img_size: 48")
+    model = _loaded_model(synthetic_cub, tmp_path / "r", "--model.pretrained", str(ckpt), "--model.model_kwargs", at_48)
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert model.pos_embed.shape == (1, 1 + 6 * 6, 64)  # 32 -> 48 px: a 6x6 patch grid, resampled
+    for key in ("blocks.0.attn.qkv.weight", "head.weight"):  # the run used EMA: its averaged weights
+        assert torch.equal(model.state_dict()[key], trained[f"ema.module.{key}"]), key
+
+
+@pytest.fixture(scope="module")
+def exported(fitted: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "tiny"
+    ckpt = fitted / "checkpoints" / "last.ckpt"
+    assert main(["push", "--ckpt", str(ckpt), "--repo-id", "me/tiny", "--export-dir", str(out), "--export-only"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("naming", ["local-dir", "folder", "safetensors"])
+def test_exported_weights_fine_tune_with_their_trained_head(exported, synthetic_cub, tmp_path, naming):
+    import timm
+
+    flags = {
+        "local-dir": ["--model.model_name", f"local-dir:{exported}", "--model.pretrained", "true"],
+        "folder": ["--model.pretrained", str(exported)],
+        "safetensors": ["--model.pretrained", str(exported / "model.safetensors")],
+    }[naming]
+    model = _loaded_model(synthetic_cub, tmp_path / "r", *flags).eval()
+    reference = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(images), reference(images))  # the same class count: the head is kept
+
+
+def test_resuming_a_checkpoint_of_another_architecture_is_refused(fitted, synthetic_cub, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    flags = ["--ckpt_path", str(fitted / "checkpoints" / "last.ckpt"), "--model.model_name", "deit_tiny_patch16_224"]
+    assert main(["fit", *tiny_fit_args(synthetic_cub, run_dir), *flags]) == 2
+    line = one_line_error(capsys)
+    assert "holds a irpe_deit_tiny_patch16_224 model but the recipe/flags train deit_tiny_patch16_224" in line
+    assert "--model.pretrained" in line
+    assert not run_dir.exists()
+
+
 # ----------------------------------------------------------------------------- run folder history
 def test_a_fresh_fit_into_a_run_folder_with_a_training_history_is_refused(fitted, synthetic_cub, capsys):
     before = folder_state(fitted)
@@ -330,14 +385,6 @@ def test_unknown_recipe_lists_the_available_ones(capsys):
     assert "unknown recipe 'cub201'" in line and "cub200" in line and "demo" in line
 
 
-def test_unknown_model_name(synthetic_cub, tmp_path, capsys):
-    code = main(
-        ["fit", *tiny_fit_args(synthetic_cub, tmp_path), "--model.model_name", "irpe_deit_tinyy_patch16_224"]
-    )
-    assert code == 2
-    assert "unknown model 'irpe_deit_tinyy_patch16_224'" in one_line_error(capsys)
-
-
 def test_unknown_recipe_key(synthetic_cub, tmp_path, capsys):
     assert main(["fit", *tiny_fit_args(synthetic_cub, tmp_path), "--model.learning_rate", "1"]) == 2
     assert "model.learning_rate" in one_line_error(capsys)
@@ -346,11 +393,6 @@ def test_unknown_recipe_key(synthetic_cub, tmp_path, capsys):
 def test_missing_dataset_root(tmp_path, capsys):
     assert main(["fit", *tiny_fit_args(tmp_path / "nowhere", tmp_path / "run")]) == 2
     assert "CUB-200-2011 not found" in one_line_error(capsys)
-
-
-def test_num_classes_mismatch(synthetic_cub, tmp_path, capsys):
-    assert main(["fit", *tiny_fit_args(synthetic_cub, tmp_path), "--model.num_classes", "7"]) == 2
-    assert "num_classes mismatch" in one_line_error(capsys)
 
 
 def test_pretrained_weights_of_another_architecture(synthetic_cub, tmp_path, capsys):
@@ -384,6 +426,118 @@ def test_mixup_with_batches_of_one_image_is_refused(synthetic_cub, tmp_path, cap
     line = one_line_error(capsys)
     assert "data.batch_size=1 with Mixup/CutMix" in line and "--data.batch_size 2" in line
     assert not run_dir.exists()
+
+
+@dataclass
+class BadInput:
+    """A command with one bad input: ``prepare`` damages a copy of the dataset or writes a file and returns
+    extra flags; the command must stop with one line containing every ``expected`` part, exit 2, and
+    write nothing."""
+
+    command: str
+    prepare: Callable[[Path, Path], list[str]]
+    expected: tuple[str, ...]
+
+
+def _empty_images_txt(cub: Path, tmp: Path) -> list[str]:
+    (cub / "CUB_200_2011" / "images.txt").write_text("")
+    return []
+
+
+def _label_out_of_range(cub: Path, tmp: Path) -> list[str]:
+    labels = cub / "CUB_200_2011" / "image_class_labels.txt"
+    rows = labels.read_text().splitlines()
+    rows[3] = rows[3].split()[0] + " 250"
+    labels.write_text("\n".join(rows) + "\n")
+    return []
+
+
+def _truncated_checkpoint(flag: str) -> Callable[[Path, Path], list[str]]:
+    def prepare(cub: Path, tmp: Path) -> list[str]:
+        ckpt = tmp / "cut.ckpt"
+        torch.save({"state_dict": {"model.w": torch.zeros(1000)}, "finetune": {}}, ckpt)
+        truncate_file(ckpt)
+        return [flag, str(ckpt)]
+
+    return prepare
+
+
+def _flags(*flags: str) -> Callable[[Path, Path], list[str]]:
+    return lambda cub, tmp: list(flags)
+
+
+def _offline_release(cub: Path, tmp: Path) -> list[str]:
+    return ["--model.model_name", "deit_tiny_patch16_224_ctx_product_50_shared_k", "--model.pretrained", "true"]
+
+
+def _checkpoint_of_other_data(fitted: Path) -> Callable[[Path, Path], list[str]]:
+    def prepare(cub: Path, tmp: Path) -> list[str]:
+        three = build_cub(tmp / "three_classes").root.parent
+        return ["--data.root", str(three), "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt")]
+
+    return prepare
+
+
+BAD_INPUTS = {
+    "empty images.txt": BadInput("fit", _empty_images_txt, ("images.txt: lists no images",)),
+    "label out of range": BadInput(
+        "fit", _label_out_of_range, ("image_class_labels.txt: image id 4 has class 250, expected 1..10",)
+    ),
+    "truncated --ckpt_path": BadInput(
+        "validate", _truncated_checkpoint("--ckpt_path"), ("cut.ckpt: not a complete checkpoint file", "save it again")
+    ),
+    "truncated --model.pretrained": BadInput(
+        "fit", _truncated_checkpoint("--model.pretrained"), ("cut.ckpt: not a complete checkpoint file",)
+    ),
+    "release offline": BadInput(
+        "fit",
+        _offline_release,
+        (
+            "cannot download the pretrained weights of deit_tiny_patch16_224_ctx_product_50_shared_k from https://",
+            "--model.pretrained PATH/TO/deit_tiny_patch16_224_ctx_product_50_shared_k.pth",
+        ),
+    ),
+    "unknown model": BadInput(
+        "fit",
+        _flags("--model.model_name", "irpe_deit_tinyy_patch16_224"),
+        ("unknown model 'irpe_deit_tinyy_patch16_224'; did you mean irpe_deit_tiny_patch16_224",),
+    ),
+    "num_classes flag": BadInput(
+        "fit",
+        _flags("--model.num_classes", "7"),
+        ("model.num_classes=7 but the data (CUB200DataModule) has 10 classes; remove --model.num_classes",),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_INPUTS, "checkpoint of other data"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, fitted, synthetic_cub, tmp_path, capsys, monkeypatch):
+    bad = BAD_INPUTS.get(case) or BadInput(
+        "validate", _checkpoint_of_other_data(fitted), ("the checkpoint has 10 classes but the data has 3",)
+    )
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # no network: downloads are refused at once
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cub = tmp_path / "data"
+    shutil.copytree(synthetic_cub, cub)
+    flags = bad.prepare(cub, tmp_path)
+    run_dir = tmp_path / "run"
+    assert main([bad.command, *tiny_fit_args(cub, run_dir), *flags]) == 2
+    line = one_line_error(capsys)
+    for part in bad.expected:
+        assert part in line, line
+    assert not run_dir.exists()
+
+
+def test_cli_help_lists_every_command_and_the_recipe_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in ("fit", "validate", "test", "predict", "push", "convert", "visualize"))
+    assert "--recipe NAME" in text
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--data.help", "CUB200DataModule"])
+    assert info.value.code == 0 and "--data.crop_to_bbox" in capsys.readouterr().out
 
 
 def test_out_of_memory_batch(synthetic_cub, tmp_path, capsys):
@@ -434,6 +588,25 @@ def test_push_to_hub_with_a_bad_repo_id_fails_before_training(synthetic_cub, tmp
     assert code == 2
     assert "--repo-id 'not a repo': expected 'owner/name'" in one_line_error(capsys)
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def full_disk(obj: object, f: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as info:
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert message.startswith(f"cannot write checkpoint {path} (No space left on device)") and "\n" not in message
+    assert "the previous last.ckpt is kept" in message and "--ckpt_path last" in message
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
 def test_atomic_checkpoint_write_keeps_the_previous_file_on_failure(tmp_path):
