@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import get_token
 from timm.models import get_pretrained_cfg
@@ -15,7 +16,10 @@ from timm.models import get_pretrained_cfg
 from .record import SPLIT_NAMES, EvalMetrics
 from .weights import split_revision
 
-__all__ = ["CardInfo", "model_card", "redact"]
+__all__ = ["CardInfo", "model_card", "redact", "INSTALL", "PROGRAM_FILE"]
+
+INSTALL = "pip install rpe-finetune"
+PROGRAM_FILE = "model.pt2"  # the torch.export program beside model.safetensors
 
 # Dataset names (as the datamodules spell them) whose Hub dataset id is certain; others are omitted
 # from the card's `datasets:` metadata and only named in the text.
@@ -107,8 +111,9 @@ def _starting_point(pretrained: str, arch: str) -> tuple[str | None, str]:
 _METRIC_LABELS = {"top1": "Top-1 accuracy", "top5": "Top-5 accuracy", "mean_class_acc": "Mean class accuracy"}
 
 
-def model_card(config: dict[str, Any], info: CardInfo, recipe: bool) -> ModelCard:
-    """The README of an export, from its config.json, ``info`` and whether a recipe sits beside it."""
+def model_card(config: dict[str, Any], info: CardInfo, recipe: bool, program: bool = False) -> ModelCard:
+    """The README of an export, from its config.json, ``info``, and whether a recipe (``config.yaml``) and
+    a ``torch.export`` program (:data:`PROGRAM_FILE`) sit beside it."""
     cfg = config["pretrained_cfg"]
     arch = config["architecture"]
     paper = _paper_of(config)
@@ -143,12 +148,24 @@ def model_card(config: dict[str, Any], info: CardInfo, recipe: bool) -> ModelCar
         lines.append(f"{what} with the official released weights, converted to timm's Hub format.")
     else:
         lines.append(f"{what} fine-tuned on {dataset or 'a custom dataset'} with rpe-finetune.")
-    lines += ["", "## Usage", "", "```python",
+    repo_id = hub_id.removeprefix("hf-hub:")
+    lines += ["", "## Usage", "",
+              f"The architecture's code comes with the rpe-finetune package: `{INSTALL}`.", "", "```python",
               "import finetune  # registers the iRPE-DeiT and SP-ViT architectures with timm",
               "import timm", "",
               f'model = timm.create_model("{hub_id}", pretrained=True).eval()',
               "transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))",
               "```", ""]
+    if program:
+        lines += [f"Without that package, with PyTorch alone: `{PROGRAM_FILE}` is the model as a `torch.export` "
+                  f"program (written by torch {torch.__version__}; any batch size, the input size of `config.json`).",
+                  "", "```python",
+                  "import torch",
+                  "from huggingface_hub import hf_hub_download", "",
+                  f'model = torch.export.load(hf_hub_download("{repo_id}", "{PROGRAM_FILE}")).module()',
+                  "logits = model(images)  # float (N, 3, H, W), resized, cropped and normalised as config.json "
+                  "pretrained_cfg says",
+                  "```", ""]
     if metrics is not None:
         lines += [f"## Results ({dataset or 'dataset'}, {SPLIT_NAMES[metrics.split]}, epoch {metrics.epoch})", "",
                   "Measured on exactly the weights of this repository.", "",

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from timm.data import ImageNetInfo
 from timm.models import save_for_hf
 from torch import nn
 
-from .card import CardInfo, model_card, redact
+from .card import PROGRAM_FILE, CardInfo, model_card, redact
 from .errors import FinetuneError
 from .record import plain
 from .weights import create_model, load_checkpoint_model
@@ -85,7 +86,8 @@ def export_model(
     data_config: dict[str, Any] | None = None,
     config_yaml: str | None = None,
 ) -> Path:
-    """Write model.safetensors, config.json (timm's format), README.md and config.yaml into ``out_dir``.
+    """Write model.safetensors, config.json (timm's format), model.pt2 (:func:`save_program`), README.md and
+    config.yaml into ``out_dir``.
 
     The folder appears complete or not at all (it is written beside the target, then renamed). Errors
     name the offending argument (``class_names``, ``data_config``, ``metrics.top1``, ...).
@@ -106,10 +108,27 @@ def export_model(
         except ValueError as err:  # e.g. an input size the model cannot take
             raise ExportError(f"data_config {data_config}: {str(err).splitlines()[0]}") from err
         exported = json.loads((tmp / "config.json").read_text())  # the card describes what was exported
-        model_card(exported, info, recipe=config_yaml is not None).save(tmp / "README.md")
+        program = save_program(model, exported["pretrained_cfg"]["input_size"], tmp / PROGRAM_FILE)
+        model_card(exported, info, recipe=config_yaml is not None, program=program).save(tmp / "README.md")
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(redact(config_yaml), encoding="utf-8")
     return out
+
+
+def save_program(model: nn.Module, input_size: Sequence[int], path: Path) -> bool:
+    """Save ``model`` as a ``torch.export`` program with a dynamic batch size, which runs with plain torch
+    (``torch.export.load(path).module()``). A model torch.export cannot trace is exported without it: the
+    reason is printed and False returned."""
+    example = torch.randn(2, *input_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+    except Exception as err:  # torch.export raises many types; the safetensors export stands without it
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"note: {path.name} not written: torch.export failed ({reason[:200]})", file=sys.stderr)
+        return False
+    torch.export.save(program, path)
+    return True
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, repo_id: str | None = None,

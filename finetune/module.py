@@ -459,7 +459,7 @@ class ImageClassifier(L.LightningModule):
             source = h.model_name
         dataset = h.dataset_name
         if dataset is None:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+            datamodule = getattr(self._attached_trainer(), "datamodule", None)
             dataset = type(datamodule).__name__ if datamodule is not None else "unknown"
         measured = self.measured
         return CheckpointRecord(
@@ -477,6 +477,13 @@ class ImageClassifier(L.LightningModule):
             dataset=dataset,
             config_yaml=self.config_yaml,
         )
+
+    def _attached_trainer(self) -> L.Trainer | None:
+        """The trainer, or None when there is none (``load_from_checkpoint``, a module used on its own)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's "not attached to a `Trainer`"
+            return None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CheckpointRecord.KEY] = self.checkpoint_record().to_dict()
@@ -499,7 +506,7 @@ class ImageClassifier(L.LightningModule):
         self.measured = record.metrics
         self.best_metrics = record.best
         self.config_yaml = self.config_yaml or record.config_yaml
-        trainer = self._trainer
+        trainer = self._attached_trainer()
         if trainer is not None and trainer.state.fn == "fit" and checkpoint.get("rng_states"):
             # Resuming: continue the interrupted run's RNG streams (shuffling, Mixup, drop path). The
             # first training dataloader iterator is created right after this hook, as in the

@@ -226,6 +226,27 @@ def test_exported_weights_fine_tune_with_their_trained_head(exported, synthetic_
         assert torch.equal(model(images), reference(images))  # the same class count: the head is kept
 
 
+def test_the_exported_program_runs_with_plain_torch(exported, tmp_path):
+    import timm
+
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(images, tmp_path / "images.pt")
+    script = (
+        "import sys, torch\n"
+        f"model = torch.export.load({str(exported / 'model.pt2')!r}).module()\n"
+        f"torch.save(model(torch.load({str(tmp_path / 'images.pt')!r})), {str(tmp_path / 'logits.pt')!r})\n"
+        "assert not {'finetune', 'timm'} & set(sys.modules), 'the program needs neither package'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reference = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(torch.load(tmp_path / "logits.pt"), reference(images), atol=1e-5)
+    readme = (exported / "README.md").read_text()
+    assert "pip install rpe-finetune" in readme and 'hf_hub_download("me/tiny", "model.pt2")' in readme
+
+
 def test_resuming_a_checkpoint_of_another_architecture_is_refused(fitted, synthetic_cub, tmp_path, capsys):
     run_dir = tmp_path / "run"
     flags = ["--ckpt_path", str(fitted / "checkpoints" / "last.ckpt"), "--model.model_name", "deit_tiny_patch16_224"]

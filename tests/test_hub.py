@@ -440,7 +440,7 @@ def test_export_only_keeps_existing_folder_until_replaced(tmp_path, capsys):
     write_ckpt(ckpt, ema=False, config_yaml=None)
     out = tmp_path / "export"
     assert push_main(["--ckpt", str(ckpt), "--repo-id", "me/x", "--export-only", "--export-dir", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.pt2", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "export"]  # no temporary leftovers
     model = timm.create_model(f"local-dir:{out}", pretrained=True)
     write_ckpt(ckpt, ema=False, metrics={"top1": 2.0})  # a bad re-export leaves the old folder as it was
