@@ -214,6 +214,8 @@ class FinetuneCLI(LightningCLI):
             if self.subcommand == "fit":
                 loggers.append(TensorBoardLogger(save_dir=self.log_dir, name="", version=""))
             kwargs["logger"] = loggers
+        if trainer_config.get("default_root_dir") is None:  # where the trainer writes without loggers
+            kwargs["default_root_dir"] = str(self.log_dir)
         if not trainer_config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)

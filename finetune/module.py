@@ -65,9 +65,11 @@ class ImageClassifier(L.LightningModule):
     """Fine-tune a timm model for image classification.
 
     Args:
-        model_name: timm model name or ``hf-hub:owner/name``.
-        pretrained: ``False`` (random init), ``True`` (the weights of timm's pretrained cfg, or of the
-            Hub repo for ``hf-hub:`` names) or a path to a local checkpoint file.
+        model_name: timm model name, ``hf-hub:owner/name[@revision]`` or ``local-dir:FOLDER``.
+        pretrained: ``False`` (random init), ``True`` (the weights of timm's pretrained cfg, of the Hub
+            repo or of the folder) or a path: a release file, ``.safetensors``, an exported folder or a
+            checkpoint of this module (:func:`finetune.weights.create_model`; a head with the data's
+            class count is kept).
         model_kwargs: extra ``timm.create_model`` keywords (``img_size``, ``drop_path_rate``,
             ``depth``, ``rpe_config``, ...).
         num_classes: head size; ``None`` takes it from the datamodule at ``setup``.

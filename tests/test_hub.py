@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import finetune  # noqa: F401  (registers the models)
 from finetune.callbacks import PushToHubCallback
+from finetune.cli import main as cli_main
 from finetune.commands import convert_main, push_main
 from finetune.weights import HubError, create_model
 
@@ -186,7 +187,8 @@ def _fit(root: str, repo_id: str) -> int:
 
 def _serve() -> None:
     """Worker loop: one JSON [command, args] per stdin line, one JSON result per stdout line."""
-    commands = {"push": push_main, "convert": convert_main, "pull": lambda a: _pull(*a), "fit": lambda a: _fit(*a)}
+    commands = {"push": push_main, "convert": convert_main, "pull": lambda a: _pull(*a), "fit": lambda a: _fit(*a),
+                "cli": cli_main}
     channel = sys.stdout
     for line in sys.stdin:
         command, args = json.loads(line)
@@ -337,6 +339,28 @@ def test_pull_missing_revision_and_repo(hub, online, pushed, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0] == f"me/tiny-cub: revision 'no-such-branch' not found on {hub.url}"
     assert lines[1].startswith(f"me/absent: repository not found on {hub.url}")
+
+
+@pytest.mark.parametrize(
+    ("worker", "model_name", "pretrained", "expected"),
+    [
+        ("online", "hf-hub:me/tiny-cbu", "true", "me/tiny-cbu: repository not found on"),
+        ("offline", "hf-hub:me/never-pulled", "true", "me/never-pulled: config.json is not in the local cache"),
+        ("offline", "hf-hub:me/never-pulled", "false", "me/never-pulled: config.json is not in the local cache"),
+        ("offline", "deit_tiny_patch16_224", "true", "timm/deit_tiny_patch16_224.fb_in1k: model.safetensors is not"),
+    ],
+    ids=["typo", "offline-hub-repo", "offline-hub-config", "offline-timm-weights"],
+)
+def test_cli_names_the_hub_repo_in_one_line(workers, pushed, tmp_path, worker, model_name, pretrained, expected):
+    run_dir = tmp_path / "run"
+    result = workers[worker]("cli", "fit", "--model.model_name", model_name, "--model.pretrained", pretrained,
+                             "--data", "datamodules.CUB200DataModule", "--data.root", tmp_path, "--run_dir", run_dir)
+    assert result.rc == 2, result.stderr[-2000:]
+    [line] = result.errors
+    assert expected in line
+    if worker == "offline":
+        assert "HF_HUB_OFFLINE=1" in line
+    assert not run_dir.exists()
 
 
 def test_push_folder_to_branch_and_pull_request(hub, online, pushed):
