@@ -279,6 +279,9 @@ def test_validate_writes_its_own_version_folder_and_keeps_the_run(fitted, synthe
         folder = fitted / "validate" / version
         assert {"metrics.csv", "config.yaml", "confusion_matrix_test.png"} <= {p.name for p in folder.iterdir()}
         assert read_metrics(folder / "metrics.csv")[0]["test/top1"]
+    from finetune.visualize import find_metrics_file
+
+    assert find_metrics_file(fitted) == fitted / "metrics.csv"  # curves of the run, not of the newest validate
 
 
 @pytest.mark.parametrize(

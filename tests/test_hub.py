@@ -382,7 +382,7 @@ def _assert_failed_push(result: Result, folder: Path, cause: str) -> None:
     [line] = result.errors
     assert cause in line
     assert f"the export is kept, retry with: python cli.py push --folder {folder} --repo-id me/fail" in line
-    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "README.md", "config.yaml"}
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "model.pt2", "config.json", "README.md", "config.yaml"}
 
 
 def test_push_401_is_not_retried(hub, online, tmp_path):
