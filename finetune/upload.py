@@ -23,14 +23,15 @@ from .weights import HubError, cause_of, http_cause
 
 __all__ = ["check_target", "retry_command", "push_folder", "report_push"]
 
-# Retry the same failures huggingface_hub's own backoff retries (connection errors, timeouts, 429/5xx).
+# Retry the network errors huggingface_hub's own backoff retries, and the transient HTTP statuses its
+# recent releases retry (1.0 retried 503 alone).
 _BACKOFF_DEFAULTS = inspect.signature(http_backoff).parameters
 _TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
     *_BACKOFF_DEFAULTS["retry_on_exceptions"].default,
     ConnectionError,
     TimeoutError,
 )
-_TRANSIENT_STATUS: tuple[int, ...] = tuple(_BACKOFF_DEFAULTS["retry_on_status_codes"].default)
+_TRANSIENT_STATUS: tuple[int, ...] = (408, 429, 500, 502, 503, 504)
 
 
 def _check_repo_id(repo_id: str) -> None:
