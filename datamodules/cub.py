@@ -63,6 +63,8 @@ class CUB200(OnDiskDataset):
     def _official_samples(folder: Path, split: str, classes: list[str], crop_to_bbox: bool) -> list[Sample]:
         wanted_flag = 1 if split == "train" else 0
         images = read_rows(folder / "images.txt", (int, str))
+        if not images:
+            raise DataError(f"{folder / 'images.txt'}: lists no images; expected one 'id path' line per image")
         labels_file = folder / "image_class_labels.txt"
         labels = dict(read_rows(labels_file, (int, int)))
         split_file = folder / "train_test_split.txt"

@@ -12,11 +12,13 @@ Wiring decisions:
 - The data config goes the other way, model -> data, at instantiation: the datamodule's
   ``img_size``, ``mean``, ``std``, ``interpolation`` and ``crop_pct`` are the model's pretrained
   config (with ``model_kwargs.img_size`` applied), so a recipe states the model once.
-- Checkpoints: ``checkpoint.*`` flags configure a ModelCheckpoint (monitor ``val/top1``, ``last.ckpt``
-  always, also on Ctrl-C/SIGTERM) whose files are written to a temporary name and renamed into place.
-- Loggers: CSV and TensorBoard, both writing to ``--run_dir`` (default ``runs/default``; recipes set
-  ``runs/<recipe>``) with no version subfolder, so ``--ckpt_path last`` finds the previous run's
-  ``last.ckpt`` there; the saved config.yaml is overwritten, so a second run is never blocked.
+- Checkpoints: ``checkpoint.*`` flags configure Lightning's ModelCheckpoint (``last.ckpt`` every epoch
+  and on Ctrl-C/SIGTERM; ``best-epochNNN.ckpt`` when ``checkpoint.monitor`` is set); files are written
+  to a temporary name and renamed into place (:class:`finetune.checkpoint_io.AtomicCheckpointIO`).
+- The run folder (``--run_dir``, recipes set ``runs/<recipe>``) keeps its whole history
+  (:mod:`finetune.run_folder`): ``fit`` logs to it and a resume appends; ``validate``, ``test`` and
+  ``predict`` write ``<run_dir>/<command>/version_N/``; a command that fails on bad input takes back
+  what it created.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,42 +33,49 @@ from typing import Any
 
 import torch
 from jsonargparse import ArgumentError
-from lightning import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning import Callback, Trainer
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
 
+import datamodules  # noqa: F401  (imported so that --data accepts short class names: --data.help CUB200DataModule)
 from datamodules import DataError
 
-from .backbones.checkpoint import CheckpointMismatchError
-from .hub import ExportError, HubError, PushToHubCallback
-from .module import FinetuneConfigError, ImageClassifier
-from .predict import PredictionWriter
+from .callbacks import (
+    LAST_CHECKPOINT,
+    CheckpointSettings,
+    PushToHubCallback,
+    RunSummary,
+    checkpoint_callbacks,
+)
+from .checkpoint_io import AtomicCheckpointIO
+from .errors import FinetuneError, UsageError
+from .module import ImageClassifier
+from .predict import ImagePaths, ImagePathsDataModule, PredictionWriter, list_images
+from .record import CheckpointRecord
+from .run_folder import (
+    CreatedFilesGuard,
+    HistoryCSVLogger,
+    next_config_name,
+    next_version_dir,
+    training_history,
+)
+from .weights import read_checkpoint
 
-__all__ = ["main", "FinetuneCLI", "EXTRA_COMMANDS", "RECIPES_DIR", "UsageError", "resolve_recipe"]
+__all__ = ["main", "FinetuneCLI", "EXTRA_COMMANDS", "RECIPES_DIR", "UsageError", "resolve_recipe", "run_cli"]
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 # Extra subcommands: name -> "module:function"; the function takes the remaining argv (a list of
 # str) and returns an exit code (or None for 0).
 EXTRA_COMMANDS: dict[str, str] = {
-    "push": "finetune.hub:push_main",
-    "convert": "finetune.hub:convert_main",
+    "push": "finetune.commands:push_main",
+    "convert": "finetune.commands:convert_main",
     "visualize": "finetune.visualize:main",
     "kfold": "finetune.kfold:main",
     "shards": "datamodules.shards:main",
 }
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class UsageError(ValueError):
-    """Bad command-line input, reported as one line."""
 
 
 # --------------------------------------------------------------------------- recipes
@@ -112,214 +120,21 @@ def expand_recipe(argv: Sequence[str]) -> list[str]:
     return args[:at] + configs + args[at:]
 
 
-# --------------------------------------------------------------------------- checkpoints
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes local checkpoints to a temporary file in the same folder, then renames it into place.
-
-    An interrupted write (Ctrl-C, SIGKILL, full disk) leaves the previous ``last.ckpt`` intact
-    instead of a truncated one. Remote paths (``s3://`` ...) go through Lightning's fsspec writer.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
-    ) -> None:
-        if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-class FinetuneCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint with this project's defaults and atomic writes (see ``AtomicCheckpointIO``)."""
-
-    def __init__(
-        self,
-        dirpath: str | None = None,
-        filename: str = "best-epoch{epoch:03d}",
-        monitor: str = "val/top1",
-        mode: str = "max",
-        save_top_k: int = 1,
-        save_last: bool = True,
-        save_on_exception: bool = True,
-        every_n_epochs: int | None = None,
-    ) -> None:
-        super().__init__(
-            dirpath=dirpath,
-            filename=filename,
-            monitor=monitor,
-            mode=mode,
-            save_top_k=save_top_k,
-            save_last=save_last,
-            save_on_exception=save_on_exception,
-            every_n_epochs=every_n_epochs,
-            auto_insert_metric_name=False,
-            enable_version_counter=False,  # one run per run_dir: a re-run replaces, never adds last-v1.ckpt
-        )
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # Only last.ckpt: Lightning would also write a "best-..." file for a model that may not be the best.
-        if self._should_save_on_exception(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            rank_zero_info(
-                f"{type(exception).__name__}: saved {self.last_model_path}; resume with --ckpt_path last"
-            )
-
-    def _refresh_last(self, trainer: Trainer) -> None:
-        # Lightning 2.6 only rewrites last.ckpt when a top-k checkpoint was saved at the same step;
-        # a resumable last.ckpt must follow every epoch.
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.dirpath is None:  # the run folder's checkpoints/, whatever loggers the run has (or none)
-            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        super().setup(trainer, pl_module, stage)
-
-
-# --------------------------------------------------------------------------- run summary
-class RunSummary(Callback):
-    """Prints the datamodule's banner (if any) and, after fit, a rich table of the run.
-
-    The table is printed at teardown, after the progress bar has stopped (so it is not redrawn
-    below the table); training speed is in images/s over the training batches of this process.
-    """
-
-    def __init__(self) -> None:
-        self.start = 0.0
-        self.images = 0
-        self.train_seconds = 0.0
-        self.batch_start = 0.0
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.start = time.perf_counter()
-        if trainer.is_global_zero:
-            self._notes(trainer, pl_module)
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self.batch_start = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.train_seconds += time.perf_counter() - self.batch_start
-        self.images += len(batch[0])
-
-    @staticmethod
-    def _notes(trainer: Trainer, pl_module: LightningModule) -> None:
-        console = _console()
-        banner = getattr(trainer.datamodule, "banner", None)
-        if banner:
-            console.print(f"[bold yellow]{banner}[/]")
-        if pl_module.hparams.get("pretrained") is False:
-            console.print("[bold yellow]The model trains from random weights (model.pretrained: false).[/]")
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or trainer.interrupted:
-            return
-        log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must take part
-        if not trainer.is_global_zero:
-            return
-        from rich.table import Table
-
-        best = getattr(pl_module, "best_metrics", None) or {}
-        ckpt = trainer.checkpoint_callback
-        table = Table(title="fine-tuning summary", show_header=False)
-        table.add_row("model", str(pl_module.hparams.get("model_name")))
-        table.add_row("best val top-1", f"{100 * best['top1']:.2f}%" if best else "n/a")
-        table.add_row("best val top-5", f"{100 * best['top5']:.2f}%" if best else "n/a")
-        table.add_row("best val mean-class acc.", f"{100 * best['mean_class_acc']:.2f}%" if best else "n/a")
-        table.add_row("best epoch", str(best.get("epoch", "n/a")))
-        table.add_row("best checkpoint", getattr(ckpt, "best_model_path", "") or "n/a")
-        table.add_row("last checkpoint", getattr(ckpt, "last_model_path", "") or "n/a")
-        table.add_row("log dir", str(log_dir))
-        table.add_row("wall time", f"{time.perf_counter() - self.start:.1f} s")
-        if self.train_seconds > 0:
-            table.add_row("training speed", f"{self.images / self.train_seconds:.1f} images/s (this process)")
-        _console().print(table)
-        self._notes(trainer, pl_module)
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=False)
-
-
-# --------------------------------------------------------------------------- predict
-def list_images(inputs: Sequence[str]) -> list[Path]:
-    """Image files among ``inputs`` (files, or folders searched recursively), sorted per folder."""
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise UsageError(f"predict input {item!r} does not exist; give image files or folders")
-    if not paths:
-        raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(inputs)}")
-    return paths
-
-
-class ImagePaths(Dataset):
-    """``(image tensor, index)`` for a list of image files, through a transform of RGB arrays."""
-
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Any], torch.Tensor]) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from datamodules.transforms import load_rgb
-
-        return self.transform(load_rgb(self.paths[index])), index
-
-
-class ImagePathsDataModule(LightningDataModule):
-    """The predict data: the configured datamodule's eval transform over image files."""
-
-    def __init__(self, dataset: ImagePaths, batch_size: int, num_workers: int) -> None:
-        super().__init__()
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False
-        )
-
-
 # --------------------------------------------------------------------------- the CLI
 class FinetuneCLI(LightningCLI):
-    """LightningCLI with this project's defaults, links and predict wiring."""
+    """LightningCLI with this project's defaults, links, run folder and predict wiring.
+
+    ``guard`` records what the run folder held before the command, so that :func:`main` can take back
+    what a command that failed on bad input created.
+    """
+
+    def __init__(self, *args: Any, guard: CreatedFilesGuard | None = None, **kwargs: Any) -> None:
+        self.guard = guard if guard is not None else CreatedFilesGuard()
+        self.log_dir: Path | None = None
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(FinetuneCheckpoint, "checkpoint")
+        parser.add_class_arguments(CheckpointSettings, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction")
         for key in ("mean", "std", "interpolation", "crop_pct"):
             parser.link_arguments(
@@ -332,34 +147,80 @@ class FinetuneCLI(LightningCLI):
             "--run_dir",
             type=str,
             default="runs/default",
-            help="Folder of the run: CSV + TensorBoard logs, config.yaml, confusion matrices, checkpoints/. "
-            "Fixed (no version_N), so --ckpt_path last resumes the run in it.",
+            help="Folder of the run: fit's metrics.csv, TensorBoard events, config.yaml and checkpoints/ "
+            "(a resume with --ckpt_path last continues them); validate/test/predict write "
+            "<run_dir>/<command>/version_N/.",
         )
         parser.add_argument(
             "--push_to_hub",
             type=str | None,
             default=None,
-            help="fit: at the end, export the best checkpoint and push it to this Hub repo (owner/name).",
+            help="fit: at the end, export the best (else last) checkpoint and push it to this Hub repo (owner/name).",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` before Lightning reads it: the file must be a complete checkpoint
+        of the fine-tuning module, and ``fit`` must resume it with the model it holds."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = str(Path(config.run_dir) / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt")
+            if not Path(ckpt_path).is_file():
+                return  # Lightning starts afresh (with a warning): "last" may be set before the first run
+        elif ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
+            return
+        record = CheckpointRecord.from_checkpoint(read_checkpoint(ckpt_path), f"--ckpt_path {ckpt_path}")
+        model_name = config.model.model_name
+        if subcommand == "fit" and record.model_name != model_name:
+            raise UsageError(
+                f"--ckpt_path {ckpt_path} holds a {record.model_name} model but the recipe/flags train {model_name}; "
+                f"resume it with --model.model_name {record.model_name}, or start {model_name} from its weights "
+                f"with --model.pretrained {ckpt_path} (without --ckpt_path)"
+            )
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            self.guard.watch(self._get(self.config, "run_dir"))
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        # Rich progress bar unless the run turns progress bars off (Lightning refuses both at once).
         trainer_config = self._get(self.config_init, "trainer", default={})
+        run_dir = Path(self._get(self.config_init, "run_dir"))
+        ckpt_path = self._get(self.config_init, "ckpt_path")
+        # Rich progress bar unless the run turns progress bars off (Lightning refuses both at once).
         callbacks: list[Callback] = [RunSummary()]
         if trainer_config.get("enable_progress_bar") is not False:
             callbacks.insert(0, RichProgressBar())
-        repo_id = self._get(self.config_init, "push_to_hub", default=None)
-        if repo_id:
-            callbacks.append(PushToHubCallback(repo_id))
+        if self.subcommand == "fit":
+            history = training_history(run_dir)
+            if ckpt_path is None and history:
+                raise UsageError(
+                    f"--run_dir {run_dir} already holds a training run ({history[0]}); resume it with "
+                    "--ckpt_path last, or give a new --run_dir"
+                )
+            self.log_dir = run_dir
+            callbacks += checkpoint_callbacks(run_dir / "checkpoints", self._get(self.config_init, "checkpoint"))
+            repo_id = self._get(self.config_init, "push_to_hub", default=None)
+            if repo_id:
+                callbacks.append(PushToHubCallback(repo_id))
+            if ckpt_path is not None:  # resuming: the sanity check would draw from the restored RNG streams
+                kwargs["num_sanity_val_steps"] = 0
+        else:
+            self.log_dir = next_version_dir(run_dir / str(self.subcommand))
+        self.save_config_kwargs = {"config_filename": next_config_name(self.log_dir), "overwrite": False}
         self.trainer_defaults["callbacks"] = callbacks
-        run_dir = self._get(self.config_init, "run_dir")
-        if trainer_config.get("default_root_dir") is None:  # without our loggers too: checkpoints/ in run_dir
-            kwargs["default_root_dir"] = run_dir
         if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = [
-                CSVLogger(save_dir=run_dir, name="", version=""),
-                TensorBoardLogger(save_dir=run_dir, name="", version=""),
-            ]
+            loggers: list[Logger] = [HistoryCSVLogger(self.log_dir)]
+            if self.subcommand == "fit":
+                loggers.append(TensorBoardLogger(save_dir=self.log_dir, name="", version=""))
+            kwargs["logger"] = loggers
+        if trainer_config.get("default_root_dir") is None:  # where the trainer writes without loggers
+            kwargs["default_root_dir"] = str(self.log_dir)
+        if not trainer_config.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:
@@ -405,14 +266,20 @@ def _parser_kwargs() -> dict[str, Any]:
         f"available: {', '.join(available_recipes())}. Example: cli.py fit --recipe cub200 --data.root PATH"
     )
     sub = {"exit_on_error": False, "epilog": epilog}
+    usage = (
+        "Fine-tune vision transformers with 2D relative position encodings. Usage: cli.py "
+        "{fit,validate,test,predict} [--recipe NAME] [--config FILE] [--KEY VALUE ...]; also cli.py push "
+        "(export a checkpoint and upload it to the Hugging Face Hub), cli.py convert (an official release -> "
+        "a Hub-ready folder) and cli.py visualize (buckets, priors, attention, curves), each with --help."
+    )
     return {
-        "description": __doc__.split("\n\n")[0],
+        "description": usage,
         **sub,
         **{name: sub for name in FinetuneCLI.subcommands()},
     }
 
 
-def run_cli(argv: Sequence[str]) -> FinetuneCLI:
+def run_cli(argv: Sequence[str], guard: CreatedFilesGuard | None = None) -> FinetuneCLI:
     """Parse ``argv`` (recipes expanded) and run the subcommand; errors propagate."""
     # argv is always passed explicitly (expanded), which Lightning warns about when sys.argv also has args.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -420,10 +287,19 @@ def run_cli(argv: Sequence[str]) -> FinetuneCLI:
         ImageClassifier,
         None,
         args=expand_recipe(argv),
-        save_config_kwargs={"overwrite": True},
         parser_kwargs=_parser_kwargs(),
         auto_configure_optimizers=False,
+        guard=guard,
     )
+
+
+def _raised_by(package: str, error: BaseException) -> bool:
+    """Whether ``error`` was raised by code of ``package`` itself (its innermost frame is there)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    name = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return name == package or name.startswith(package + ".")
 
 
 def _one_line(error: BaseException) -> str:
@@ -445,55 +321,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("RPE_FINETUNE_DEBUG"):
         run_cli(argv)
         return 0
+    guard = CreatedFilesGuard()
     try:
-        run_cli(argv)
-    except (
-        UsageError,
-        FinetuneConfigError,
-        CheckpointMismatchError,
-        ExportError,
-        HubError,
-        DataError,
-        FileNotFoundError,
-        NotADirectoryError,
-    ) as e:
-        return _fail(_one_line(e))
-    except ValueError as e:  # jsonargparse wraps what a datamodule's constructor raises
-        cause = _data_error_cause(e)
-        if cause is None:
-            raise
-        return _fail(_one_line(cause))
-    except ArgumentError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        return _fail(f"{detail[:400]} (see --help)")
-    except torch.OutOfMemoryError:
-        return _fail(
-            "out of memory: lower --data.batch_size (raise --trainer.accumulate_grad_batches to keep the "
-            "effective batch size) or use --trainer.precision bf16-mixed"
-        )
+        run_cli(argv, guard)
     except SIGTERMException:
         print("interrupted (SIGTERM); resume with: --ckpt_path last", file=sys.stderr)
         return 1
-    except RuntimeError as e:
-        message = str(e)
-        if "Error(s) in loading state_dict" in message:
-            detail = next((line.strip() for line in message.splitlines()[1:] if line.strip()), "")
-            return _fail(
-                f"the weights do not fit the model ({detail}); is the checkpoint for another architecture?"
-            )
-        if "can't allocate memory" in message or "out of memory" in message.lower():
-            return _fail(
-                "out of memory: lower --data.batch_size (raise --trainer.accumulate_grad_batches to keep "
-                "the effective batch size)"
-            )
-        raise
+    except BaseException as error:
+        message = _bad_input_message(error)
+        if message is None:
+            raise
+        guard.remove_created()
+        return _fail(message)
     return 0
 
 
-def _data_error_cause(error: BaseException) -> DataError | None:
-    while error is not None and not isinstance(error, DataError):
+def _bad_input_message(error: BaseException) -> str | None:
+    """The one-line report of an error caused by bad input, or None for any other error."""
+    if isinstance(error, (FinetuneError, DataError, FileNotFoundError, NotADirectoryError)):
+        return _one_line(error)
+    cause = _data_error_cause(error)
+    if cause is not None:  # jsonargparse wraps what a datamodule's constructor raises
+        return _one_line(cause)
+    if isinstance(error, (ValueError, OSError)) and _raised_by("datamodules", error):
+        return _one_line(error)  # the datamodules' checks of annotation files: one line naming the file
+    if isinstance(error, ArgumentError):
+        detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        return f"{detail[:400]} (see --help)"
+    if isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError)
+        and ("can't allocate memory" in str(error) or "out of memory" in str(error).lower())
+    ):
+        return (
+            "out of memory: lower --data.batch_size (raise --trainer.accumulate_grad_batches to keep the "
+            "effective batch size) or use --trainer.precision bf16-mixed"
+        )
+    if isinstance(error, RuntimeError) and "Error(s) in loading state_dict" in str(error):
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
+        return f"the weights do not fit the model ({detail}); is the checkpoint for another architecture?"
+    return None
+
+
+def _data_error_cause(error: BaseException | None) -> DataError | None:
+    """The datamodules' :class:`DataError` behind ``error`` (its cause or context chain), if any."""
+    seen: set[int] = set()
+    while error is not None and not isinstance(error, DataError) and id(error) not in seen:
+        seen.add(id(error))
         error = error.__cause__ or error.__context__
-    return error
+    return error if isinstance(error, DataError) else None
 
 
 def _fail(message: str) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import statistics
 import sys
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .record import CheckpointRecord
 
 __all__ = ["METRICS", "main", "summarize"]
 
@@ -39,10 +42,11 @@ def _fold_result(run_dir: Path) -> dict[str, Any]:
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise FileNotFoundError(f"{last} not found: each fold needs checkpointing on to report its best epoch")
-    metrics = torch.load(last, map_location="cpu", weights_only=True).get("finetune", {}).get("metrics")
-    if not metrics or metrics.get("split") != "val":
+    record = CheckpointRecord.from_checkpoint(torch.load(last, map_location="cpu", weights_only=True), str(last))
+    best = record.best  # the best validation epoch of the run (``metrics``: the last epoch's weights)
+    if best is None or best.split != "val":
         raise ValueError(f"{last} records no validation metrics: is validation turned off?")
-    return metrics
+    return dataclasses.asdict(best)
 
 
 def _report(results: list[dict[str, Any]], out: Path) -> None:

@@ -10,23 +10,15 @@ The number of classes and their names are learned from ``trainer.datamodule`` in
 (datamodules only know them once their files exist, which for the demo is after ``prepare_data``);
 a checkpoint carries them, so ``predict`` and ``load_from_checkpoint`` need no dataset.
 
-Checkpoint contract (read by ``finetune.hub``):
+Checkpoint contract: ``state_dict`` holds the timm model under ``model.``; with EMA enabled its
+averaged copy under ``ema.module.`` (same keys after the prefix). ``checkpoint["finetune"]`` is a
+:class:`finetune.record.CheckpointRecord` (model, classes, data config, the metrics of exactly these
+weights and the split they come from, the run's best, base weights, config), written as plain Python
+so checkpoints load with ``torch.load(path, weights_only=True)``.
 
-- ``state_dict``: the timm model under ``model.``; with EMA enabled its averaged copy under
-  ``ema.module.`` (same keys as the model after the prefix).
-- ``checkpoint["finetune"]``::
-
-    {"model_name": str, "model_kwargs": dict, "num_classes": int, "class_names": list[str],
-     "data_config": {"input_size": [3, H, W], "mean": [..], "std": [..], "interpolation": str,
-                     "crop_pct": float},
-     "metrics": {"top1": float, "top5": float, "mean_class_acc": float, "split": "val"|"test",
-                 "epoch": int} | None,          # best validation so far, else the last test
-     "per_class_accuracy": {class_name: float}, # last validation (or test) epoch
-     "pretrained": str | None,                  # the base weights: "timm", a file path, or None
-     "ema": bool, "dataset": str, "config_yaml": str | None}
-
-  Accuracies are fractions in [0, 1]. Everything is plain Python, so checkpoints load with
-  ``torch.load(path, weights_only=True)``.
+Validation metrics are logged under the name of the split they come from: ``val/*`` when the
+datamodule holds out part of the training split (``data.val_split > 0``), ``test/*`` when its
+validation set is the official test split (``data.val_split 0``).
 
 Channels-last memory format is off by default: ViT/DeiT spend their time in matmuls on token
 tensors, where it does nothing; turn ``channels_last`` on for convolutional models (e.g. SP-ViT's
@@ -42,11 +34,10 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from timm.data import Mixup, resolve_model_data_config
 from timm.layers import to_2tuple
@@ -59,15 +50,18 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 import finetune  # noqa: F401  (registers the iRPE / SP-ViT backbones with timm)
 from datamodules.machine import CpuThreads
 from finetune.distillation import DistillationKind, distillation_loss
+from finetune.errors import FinetuneError
 from finetune.optim import build_schedule, global_batch_size, loader_batch_size, plan_param_groups
+from finetune.record import SPLIT_NAMES, CheckpointRecord, EvalMetrics, plain
 from finetune.resize import resolution_args
+from finetune.weights import create_model
 
 __all__ = ["ImageClassifier", "FinetuneConfigError"]
 
 Strategy = Literal["full", "linear_probe", "freeze_then_unfreeze"]
 
 
-class FinetuneConfigError(ValueError):
+class FinetuneConfigError(FinetuneError, ValueError):
     """A setting of the module does not fit the model, the data or the trainer."""
 
 
@@ -75,9 +69,11 @@ class ImageClassifier(L.LightningModule):
     """Fine-tune a timm model for image classification.
 
     Args:
-        model_name: timm model name or ``hf-hub:owner/name``.
-        pretrained: ``False`` (random init), ``True`` (the weights of timm's pretrained cfg, or of the
-            Hub repo for ``hf-hub:`` names) or a path to a local checkpoint file.
+        model_name: timm model name, ``hf-hub:owner/name[@revision]`` or ``local-dir:FOLDER``.
+        pretrained: ``False`` (random init), ``True`` (the weights of timm's pretrained cfg, of the Hub
+            repo or of the folder) or a path: a release file, ``.safetensors``, an exported folder or a
+            checkpoint of this module (:func:`finetune.weights.create_model`; a head with the data's
+            class count is kept).
         model_kwargs: extra ``timm.create_model`` keywords (``img_size``, ``drop_path_rate``,
             ``depth``, ``rpe_config``, ...).
         num_classes: head size; ``None`` takes it from the datamodule at ``setup``.
@@ -159,7 +155,7 @@ class ImageClassifier(L.LightningModule):
         eval_crop_pct: float | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run's config*.yaml holds them
         if finetune_strategy == "freeze_then_unfreeze" and unfreeze_epoch < 1:
             raise FinetuneConfigError(
                 f"finetune_strategy freeze_then_unfreeze needs unfreeze_epoch >= 1 (got {unfreeze_epoch}); "
@@ -190,9 +186,9 @@ class ImageClassifier(L.LightningModule):
         self.ema: ModelEmaV3 | None = None
         self.mixup_fn: Mixup | None = None
         self.config_yaml: str | None = None  # the run's full config, set by the CLI
-        self.best_metrics: dict[str, Any] | None = None
-        self.last_test_metrics: dict[str, Any] | None = None
-        self.per_class_accuracy: dict[str, float] = {}
+        self.validation_split = "val"  # "test" when the datamodule validates on its official test split
+        self.measured: EvalMetrics | None = None  # the latest evaluation (of the weights at .step)
+        self.best_metrics: EvalMetrics | None = None  # the best validation of the run
         self.teacher_nets: tuple[nn.Module, ...] = ()  # a tuple, so the teacher is no submodule (not saved)
         self.predict_embeddings = False  # predict_step also returns pre-logits embeddings (set by the writer)
         self.loss_weights: Tensor | None = None  # per class, with class_weighting balanced (set in setup)
@@ -206,12 +202,8 @@ class ImageClassifier(L.LightningModule):
     def _finalize(self, num_classes: int, class_names: list[str] | None) -> None:
         """Size the head, create EMA, Mixup and metrics once the classes are known (idempotent)."""
         if self.num_classes is not None:
-            if num_classes != self.num_classes:
-                raise FinetuneConfigError(
-                    f"num_classes mismatch: the model has {self.num_classes} classes but the data/checkpoint "
-                    f"has {num_classes}; use a checkpoint trained on this dataset or set "
-                    f"model.num_classes {num_classes}"
-                )
+            if num_classes != self.num_classes:  # the callers say which sides differ
+                raise FinetuneConfigError(f"num_classes mismatch: {self.num_classes} classes, then {num_classes}")
             if class_names is not None:
                 self.class_names = list(class_names)
             return
@@ -221,8 +213,6 @@ class ImageClassifier(L.LightningModule):
             )
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.hparams.num_classes = self.num_classes
-        self.hparams.class_names = self.class_names
         if self.model.num_classes != num_classes:
             self.model.reset_classifier(num_classes)
         if self.hparams.channels_last:
@@ -261,29 +251,61 @@ class ImageClassifier(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         num_classes = getattr(datamodule, "num_classes", None)
         if num_classes is not None:
+            if self.num_classes is not None and num_classes != self.num_classes:
+                raise FinetuneConfigError(
+                    f"num_classes mismatch: model.num_classes={self.num_classes} but the data "
+                    f"({type(datamodule).__name__}) has {num_classes} classes; remove --model.num_classes "
+                    "(the classes come from the data)"
+                )
             self._finalize(num_classes, getattr(datamodule, "class_names", None))
         elif self.num_classes is None and stage != "predict":
             raise FinetuneConfigError(
                 "the number of classes is unknown: the datamodule exposes no num_classes after setup; "
                 "set model.num_classes"
             )
+        val_dataset = getattr(datamodule, "val_dataset", None)
+        self.validation_split = (
+            "test" if val_dataset is not None and val_dataset is getattr(datamodule, "test_dataset", None) else "val"
+        )
+        if stage == "fit":
+            self._check_fit_settings(datamodule)
         if stage == "fit" and self.hparams.class_weighting == "balanced":
             self.loss_weights = _balanced_class_weights(datamodule)
         if self.hparams.compile and self.num_classes is not None:
             self.model.compile()
 
+    def _check_fit_settings(self, datamodule: Any) -> None:
+        """Settings that cannot train, refused before anything is trained or written."""
+        batch_size = getattr(datamodule, "batch_size", None)
+        if self.mixup_fn is not None and batch_size is not None and batch_size < 2:
+            raise FinetuneConfigError(
+                f"data.batch_size={batch_size} with Mixup/CutMix (model.mixup={self.hparams.mixup}, "
+                f"model.cutmix={self.hparams.cutmix}): timm's Mixup mixes each image with another of the batch; "
+                "use --data.batch_size 2 or more, or --model.mixup 0 --model.cutmix 0"
+            )
+        if self.validation_split != "test":
+            return
+        for callback in self.trainer.checkpoint_callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if monitor and monitor.startswith("val/"):
+                raise FinetuneConfigError(
+                    f"--checkpoint.monitor {monitor}: data.val_split is 0, so validation runs on the official test "
+                    "split, and checkpoints must not be selected on it; hold out part of the training split "
+                    "(--data.val_split 0.1) or keep the last epoch (--checkpoint.monitor null)"
+                )
+
     def on_fit_start(self) -> None:
-        strategy = self.trainer.strategy
+        ddp = self.trainer.strategy.model
         if (
             self.hparams.finetune_strategy == "freeze_then_unfreeze"
-            and isinstance(strategy, DDPStrategy)
-            and not strategy._ddp_kwargs.get("find_unused_parameters", False)
+            and isinstance(ddp, nn.parallel.DistributedDataParallel)
+            and not ddp.find_unused_parameters
         ):
             raise FinetuneConfigError(
                 "freeze_then_unfreeze under DDP leaves the backbone without gradients while frozen; "
                 "use --trainer.strategy ddp_find_unused_parameters_true"
             )
-        if self.ema is not None and isinstance(strategy, FSDPStrategy):
+        if self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             raise FinetuneConfigError(
                 "model.ema under FSDP is not supported (the EMA copy would not be sharded like the model); "
                 "set model.ema false or use --trainer.strategy ddp"
@@ -465,6 +487,12 @@ class ImageClassifier(L.LightningModule):
         if self.mixup_fn is not None:
             if len(x) % 2:  # timm's batch Mixup pairs a batch with its reverse: needs an even size
                 x, y = x[:-1], y[:-1]
+            if len(x) == 0:
+                raise FinetuneConfigError(
+                    f"a training batch of 1 image (batch {batch_idx}) cannot be mixed (model.mixup/cutmix): the "
+                    "training set is smaller than data.batch_size; lower --data.batch_size or set --model.mixup 0 "
+                    "--model.cutmix 0"
+                )
             x, soft = self.mixup_fn(x, y)  # smoothed, mixed class probabilities
             outputs = self(x)
             logits, distilled = outputs if isinstance(outputs, tuple) else (outputs, outputs)
@@ -530,7 +558,8 @@ class ImageClassifier(L.LightningModule):
     def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
         x, y = batch
         logits, _ = self._eval_outputs(x, tta=split == "test", embeddings=False)
-        self.log(f"{split}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        name = self.validation_split if split == "val" else split
+        self.log(f"{name}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
         self.metrics[split].update(logits, y)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -556,22 +585,23 @@ class ImageClassifier(L.LightningModule):
         # compute() synchronises the states across ranks: every rank must call it.
         values = self.metrics[split].compute()
         self.metrics[split].reset()
-        summary = {
-            "top1": float(values["top1"]),
-            "top5": float(values["top5"]),
-            "mean_class_acc": float(values["mean_class_acc"]),
-        }
-        for key, value in summary.items():
-            self.log(f"{split}/{key}", value, prog_bar=key == "top1", sync_dist=True)
-        per_class = values["per_class"].tolist()
-        self.per_class_accuracy = dict(zip(self.class_names, per_class, strict=True))
-        record = {**summary, "split": split, "epoch": int(self.current_epoch)}
-        if split == "test":
-            self.last_test_metrics = record
-        elif self.best_metrics is None or summary["top1"] > self.best_metrics["top1"]:
-            self.best_metrics = record
+        name = self.validation_split if split == "val" else split
+        measured = EvalMetrics(
+            top1=float(values["top1"]),
+            top5=float(values["top5"]),
+            mean_class_acc=float(values["mean_class_acc"]),
+            split=name,
+            epoch=int(self.current_epoch),
+            step=int(self.global_step),
+            per_class=dict(zip(self.class_names, values["per_class"].tolist(), strict=True)),
+        )
+        for key in ("top1", "top5", "mean_class_acc"):
+            self.log(f"{name}/{key}", getattr(measured, key), prog_bar=key == "top1", sync_dist=True)
+        self.measured = measured
+        if name == "val" and (self.best_metrics is None or measured.top1 > self.best_metrics.top1):
+            self.best_metrics = measured
         # trainer.log_dir broadcasts from rank 0: every rank must ask, before the rank-0-only plot.
-        self._save_confusion_matrix(values["confusion"], split, self.trainer.log_dir)
+        self._save_confusion_matrix(values["confusion"], name, self.trainer.log_dir)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
@@ -597,7 +627,7 @@ class ImageClassifier(L.LightningModule):
             ax.set_yticks(range(n), self.class_names, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(f"{split} confusion matrix (row-normalised), epoch {self.current_epoch}")
+        ax.set_title(f"{SPLIT_NAMES[split]}: confusion matrix (row-normalised), epoch {self.current_epoch}", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
         fig.tight_layout()
         Path(log_dir).mkdir(parents=True, exist_ok=True)
@@ -605,8 +635,8 @@ class ImageClassifier(L.LightningModule):
         plt.close(fig)
 
     # ------------------------------------------------------------------ checkpoints
-    def export_info(self) -> dict[str, Any]:
-        """The ``checkpoint["finetune"]`` record (see the module docstring)."""
+    def checkpoint_record(self) -> CheckpointRecord:
+        """The ``checkpoint["finetune"]`` record of the current weights (see :mod:`finetune.record`)."""
         h = self.hparams
         pretrained = h.pretrained
         source = None if pretrained is False else ("timm" if pretrained is True else str(pretrained))
@@ -614,51 +644,60 @@ class ImageClassifier(L.LightningModule):
             source = h.model_name
         dataset = h.dataset_name
         if dataset is None:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+            datamodule = getattr(self._attached_trainer(), "datamodule", None)
             dataset = type(datamodule).__name__ if datamodule is not None else "unknown"
-        return {
-            "model_name": h.model_name,
+        measured = self.measured
+        return CheckpointRecord(
+            model_name=h.model_name,
+            num_classes=int(self.num_classes or 0),
+            class_names=list(self.class_names or []),
             # the settings a resolution change set on load (strategy, training grid), so the export rebuilds it
-            "model_kwargs": _plain({**(h.model_kwargs or {}), **resolution_args(self.model)}),
-            "num_classes": self.num_classes,
-            "class_names": list(self.class_names or []),
-            "data_config": _plain(self.data_config),
-            "metrics": self.best_metrics or self.last_test_metrics,
-            "per_class_accuracy": dict(self.per_class_accuracy),
-            "pretrained": source,
-            "ema": bool(h.ema),
-            "dataset": dataset,
-            "config_yaml": self.config_yaml,
-        }
+            model_kwargs=plain({**(h.model_kwargs or {}), **resolution_args(self.model)}),
+            data_config=plain(self.data_config),
+            # only an evaluation of exactly these weights: a mid-epoch (Ctrl-C) checkpoint has none
+            metrics=measured if measured is not None and measured.step == self.global_step else None,
+            best=self.best_metrics,
+            pretrained=source,
+            ema=bool(h.ema),
+            dataset=dataset,
+            config_yaml=self.config_yaml,
+        )
+
+    def _attached_trainer(self) -> L.Trainer | None:
+        """The trainer, or None when there is none (``load_from_checkpoint``, a module used on its own)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's "not attached to a `Trainer`"
+            return None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["finetune"] = self.export_info()
+        checkpoint[CheckpointRecord.KEY] = self.checkpoint_record().to_dict()
         checkpoint["rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        info = checkpoint.get("finetune")
-        if info is None:
+        record = CheckpointRecord.from_checkpoint(checkpoint, "--ckpt_path")
+        if record.model_name != self.hparams.model_name:
             raise FinetuneConfigError(
-                "this checkpoint was not written by ImageClassifier (no 'finetune' record); "
-                "to start from foreign weights use model.pretrained PATH instead of ckpt_path"
+                f"the checkpoint is for model {record.model_name!r} but the model is "
+                f"{self.hparams.model_name!r}; set --model.model_name {record.model_name} or use another checkpoint"
             )
-        if info["model_name"] != self.hparams.model_name:
+        if self.num_classes is not None and record.num_classes != self.num_classes:
             raise FinetuneConfigError(
-                f"the checkpoint is for model {info['model_name']!r} but the model is "
-                f"{self.hparams.model_name!r}; set model.model_name {info['model_name']} or use another checkpoint"
+                f"num_classes mismatch: the checkpoint has {record.num_classes} classes but the data has "
+                f"{self.num_classes}; use it on the dataset it was trained on ({record.dataset}), or fine-tune "
+                f"its weights on this one with --model.pretrained PATH (no --ckpt_path)"
             )
-        self._finalize(info["num_classes"], info["class_names"])
-        self.best_metrics = info.get("metrics") if (info.get("metrics") or {}).get("split") == "val" else None
-        self.per_class_accuracy = dict(info.get("per_class_accuracy") or {})
-        self.config_yaml = self.config_yaml or info.get("config_yaml")
-        trainer = self._trainer
+        self._finalize(record.num_classes, record.class_names)
+        self.measured = record.metrics
+        self.best_metrics = record.best
+        self.config_yaml = self.config_yaml or record.config_yaml
+        trainer = self._attached_trainer()
         if trainer is not None and trainer.state.fn == "fit" and checkpoint.get("rng_states"):
             # Resuming: continue the interrupted run's RNG streams (shuffling, Mixup, drop path). The
             # first training dataloader iterator is created right after this hook, as in the
-            # uninterrupted run; the sanity check would draw from the RNG in between, so it is skipped
-            # (the checkpointed model was validated when it was saved).
+            # uninterrupted run (the CLI turns the sanity check off when resuming: it would draw from
+            # the RNG in between).
             _set_rng_states(checkpoint["rng_states"])
-            trainer.num_sanity_val_steps = 0
 
 
 def _make_metrics(num_classes: int, top_k: int) -> MetricCollection:
@@ -687,23 +726,14 @@ def _balanced_class_weights(datamodule: Any) -> Tensor:
 
 
 def _create_model(model_name: str, pretrained: bool | str, model_kwargs: dict[str, Any]) -> nn.Module:
-    """Create the timm model with its pretrained head (the new head is put on in ``_finalize``)."""
-    kwargs = dict(model_kwargs)
-    if isinstance(pretrained, str):
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise FinetuneConfigError(
-                f"model.pretrained file {str(path)!r} does not exist; give an existing checkpoint file, "
-                "true (timm/Hub weights) or false"
-            )
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
-    elif not model_name.startswith("hf-hub:") and not timm.is_model(model_name):
-        close = timm.list_models(f"*{model_name.split('_')[0]}*")[:8]
+    """The timm model with the weights ``pretrained`` names (:func:`finetune.weights.create_model`); the
+    head for the data's classes is put on in ``_finalize``."""
+    if isinstance(pretrained, str) and not Path(pretrained).expanduser().exists():
         raise FinetuneConfigError(
-            f"unknown model {model_name!r}; use a timm model name (e.g. {', '.join(close) or 'resnet50'}) "
-            "or hf-hub:owner/name"
+            f"model.pretrained {pretrained!r} does not exist; give a checkpoint file or an exported folder, "
+            "true (timm/Hub weights) or false"
         )
-    return timm.create_model(model_name, pretrained=bool(pretrained), **kwargs)
+    return create_model(model_name, pretrained, **model_kwargs)
 
 
 def _data_config(model: nn.Module, model_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -719,19 +749,6 @@ def _data_config(model: nn.Module, model_kwargs: dict[str, Any]) -> dict[str, An
         "interpolation": str(config["interpolation"]),
         "crop_pct": float(config["crop_pct"]),
     }
-
-
-def _plain(value: Any) -> Any:
-    """Plain Python containers and scalars only, so the checkpoint loads with ``weights_only=True``."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "__dict__"):  # dataclass-like settings, e.g. an RPEConfig
-        return _plain(vars(value))
-    return str(value)
 
 
 def _rng_states() -> dict[str, Any]:

@@ -1,7 +1,10 @@
-"""``predict`` output: the top-k classes of every image, and on request its logits and embedding.
+"""``predict``: image files through the configured datamodule's eval transform (:class:`ImagePaths`,
+:class:`ImagePathsDataModule`), and the output: the top-k classes of every image, and on request its
+logits and embedding.
 
-``PredictionWriter`` is the ``prediction.*`` group of the command line. The file format follows the
-suffix of ``output``:
+``PredictionWriter`` is the ``prediction.*`` group of the command line. ``output`` defaults to
+``predictions.csv`` in the command's own folder, ``<run_dir>/predict/version_N/``. The file format
+follows the suffix of ``output``:
 
 - ``.csv``: one row per image: ``path``, then ``class1, score1, ..., classK, scoreK``, then
   ``logit_<i>`` per class and ``embedding_<j>`` per feature when asked for;
@@ -18,20 +21,78 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning import LightningModule, Trainer
+from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset
 
+from .errors import UsageError
 from .module import FinetuneConfigError
 
-__all__ = ["FORMATS", "PredictionWriter", "write_predictions"]
+__all__ = [
+    "FORMATS",
+    "IMAGE_SUFFIXES",
+    "list_images",
+    "ImagePaths",
+    "ImagePathsDataModule",
+    "PredictionWriter",
+    "write_predictions",
+]
 
 FORMATS = (".csv", ".json", ".parquet")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_images(inputs: Sequence[str]) -> list[Path]:
+    """Image files among ``inputs`` (files, or folders searched recursively), sorted per folder."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise UsageError(f"predict input {item!r} does not exist; give image files or folders")
+    if not paths:
+        raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(inputs)}")
+    return paths
+
+
+class ImagePaths(Dataset):
+    """``(image tensor, index)`` for a list of image files, through a transform of RGB arrays."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Any], torch.Tensor]) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from datamodules.transforms import load_rgb
+
+        return self.transform(load_rgb(self.paths[index])), index
+
+
+class ImagePathsDataModule(LightningDataModule):
+    """The predict data: the configured datamodule's eval transform over image files."""
+
+    def __init__(self, dataset: ImagePaths, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False
+        )
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -39,7 +100,8 @@ class PredictionWriter(BasePredictionWriter):
 
     Args:
         inputs: image files or folders to classify (``predict`` only).
-        output: the file to write; its suffix (``.csv``, ``.json``, ``.parquet``) picks the format.
+        output: the file to write; its suffix (``.csv``, ``.json``, ``.parquet``) picks the format;
+            default: ``predictions.csv`` in the command's own folder, ``<run_dir>/predict/version_N/``.
         top_k: how many classes (with their scores) per image, at most the number of classes.
         logits: also write every class's logit.
         embeddings: also write the pre-logits embedding.
@@ -48,13 +110,13 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(
         self,
         inputs: list[str] | None = None,
-        output: str = "predictions.csv",
+        output: str | None = None,
         top_k: int = 5,
         logits: bool = False,
         embeddings: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
-        if Path(output).suffix.lower() not in FORMATS:
+        if output is not None and Path(output).suffix.lower() not in FORMATS:
             raise FinetuneConfigError(
                 f"prediction.output {output!r}: expected a file ending in {', '.join(FORMATS)}"
             )
@@ -102,9 +164,11 @@ class PredictionWriter(BasePredictionWriter):
             gathered: list[Any] = [None] * trainer.world_size
             dist.all_gather_object(gathered, records)
             records = [record for part in gathered for record in part]
+        log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must take part
         if trainer.is_global_zero:
             unique = {record["path"]: record for record in records}  # DistributedSampler pads with repeats
-            out = write_predictions([unique[path] for path in sorted(unique)], Path(self.output).expanduser())
+            out = Path(self.output).expanduser() if self.output else Path(log_dir or ".") / "predictions.csv"
+            out = write_predictions([unique[path] for path in sorted(unique)], out)
             print(f"wrote {len(unique)} predictions to {out}")
         self.records = []
 

@@ -46,7 +46,8 @@ from torch import Tensor, nn
 
 from .backbones.irpe import METHODS, RPEConfig, bucket_ids
 from .backbones.spvit import SPSAttention
-from .hub import ExportError, HubError, create_model, load_checkpoint_model
+from .errors import FinetuneError
+from .weights import create_model, load_checkpoint_model
 
 __all__ = [
     "VisualizeError",
@@ -75,7 +76,7 @@ CURVE_PATTERNS = {
 }
 
 
-class VisualizeError(ValueError):
+class VisualizeError(FinetuneError, ValueError):
     """Bad input to a visualisation; the message is one line naming the value and what was expected."""
 
 
@@ -182,30 +183,21 @@ def load_model(name: str | None, checkpoint: Path | None = None, model_kwargs: d
     if checkpoint is not None and not checkpoint.is_file():
         raise VisualizeError(f"--checkpoint {checkpoint}: no such file")
     if checkpoint is not None and checkpoint.suffix == ".ckpt":
-        model, meta = load_checkpoint_model(checkpoint)
-        if name is not None and name != meta["model_name"]:
-            raise VisualizeError(f"--model {name}: {checkpoint} holds a {meta['model_name']} model")
-        if meta.get("data_config"):  # the preprocessing of the run, for load_image
-            model.pretrained_cfg = {**model.pretrained_cfg, **meta["data_config"]}
+        model, record = load_checkpoint_model(checkpoint)
+        if name is not None and name != record.model_name:
+            raise VisualizeError(f"--model {name}: {checkpoint} holds a {record.model_name} model")
+        if record.data_config:  # the preprocessing of the run, for load_image
+            model.pretrained_cfg = {**model.pretrained_cfg, **record.data_config}
         return model
     if name is None:
         raise VisualizeError("--model NAME is needed (unless --checkpoint is a Lightning .ckpt)")
-    kwargs = dict(model_kwargs or {})
-    if checkpoint is not None:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
-    elif name.startswith("hf-hub:"):
-        kwargs["pretrained"] = True
+    pretrained: bool | Path = checkpoint if checkpoint is not None else name.startswith(("hf-hub:", "local-dir:"))
     try:
-        model = create_model(name, **kwargs)
-    except HubError:
+        model = create_model(name, pretrained=pretrained, **(model_kwargs or {}))
+    except FinetuneError:
         raise
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise VisualizeError(f"--model {name}: not a timm model name (import finetune registers ours)") from err
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VisualizeError(f"--checkpoint {checkpoint}: cannot be loaded into {name} ({first})") from err
     except (TypeError, ValueError, KeyError) as err:
-        raise VisualizeError(f"--model {name} {kwargs}: {str(err).splitlines()[0]}") from err
+        raise VisualizeError(f"--model {name} {model_kwargs or {}}: {str(err).splitlines()[0]}") from err
     return model.eval()
 
 
@@ -393,11 +385,14 @@ def plot_attention(maps: Tensor, image: np.ndarray, query_patch: tuple[int, int]
 
 
 def find_metrics_file(path: Path) -> Path:
-    """``path`` itself if it is a file, else the newest ``metrics.csv`` under the folder ``path``."""
+    """``path`` itself if it is a file; for a run folder its training history ``path/metrics.csv``;
+    else the newest ``metrics.csv`` under the folder ``path`` (e.g. ``validate/version_N/``)."""
     if path.is_file():
         return path
     if not path.is_dir():
         raise VisualizeError(f"--log-dir {path}: no such file or folder")
+    if (path / "metrics.csv").is_file():
+        return path / "metrics.csv"
     found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise VisualizeError(f"--log-dir {path}: no metrics.csv (written by Lightning's CSVLogger) under it")
@@ -554,13 +549,13 @@ def _render(args: argparse.Namespace) -> Figure:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python cli.py visualize SUBCOMMAND ...``: render one PNG; 0 on success, 1 with a one-line error."""
+    """``python cli.py visualize SUBCOMMAND ...``: render one PNG; 0 on success, 2 with a one-line error."""
     args = _build_parser().parse_args(argv)
     try:
         fig = _render(args)
-    except (VisualizeError, ExportError, HubError) as err:
-        print(f"visualize {args.command}: {err}", file=sys.stderr)
-        return 1
+    except FinetuneError as err:
+        print(f"error: visualize {args.command}: {err}", file=sys.stderr)
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=args.dpi)
     print(f"wrote {args.out}")

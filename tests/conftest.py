@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -82,6 +84,21 @@ def tiny_fit_args(
     ]
 
 
+def folder_state(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path) with a digest of its bytes: equal states, equal folders."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha1(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    """The rows of a ``metrics.csv``."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 class StopAfterEpochs(Callback):
     """Stops fit cleanly after ``epochs`` epochs, as an interruption at an epoch boundary would."""
 
@@ -100,7 +117,7 @@ class RecordRankMetrics(Callback):
         self.folder = folder
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         (Path(self.folder) / f"rank{trainer.global_rank}.json").write_text(json.dumps(metrics))
 

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY_MODEL, tiny_fit_args
+from conftest import TINY_MODEL, folder_state, read_metrics, tiny_fit_args
+from data_builders import build_cub, truncate_file
 
-from finetune.cli import EXTRA_COMMANDS, AtomicCheckpointIO, available_recipes, main, run_cli
+from finetune.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from finetune.cli import EXTRA_COMMANDS, available_recipes, main, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,14 +51,15 @@ def fitted(synthetic_cub: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def test_fit_writes_checkpoints_logs_config_and_confusion_matrix(fitted: Path):
     assert (fitted / "checkpoints" / "last.ckpt").is_file()
-    assert list((fitted / "checkpoints").glob("best-epoch*.ckpt"))
+    # data.val_split 0: evaluation runs on the official test split, so nothing is selected on it
+    assert sorted(p.name for p in (fitted / "checkpoints").iterdir()) == ["last.ckpt"]
     assert (fitted / "config.yaml").is_file()
-    assert (fitted / "confusion_matrix_val.png").stat().st_size > 1000
+    assert (fitted / "confusion_matrix_test.png").stat().st_size > 1000
     assert list(fitted.glob("events.out.tfevents.*"))
-    with open(fitted / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    top1 = [float(r["val/top1"]) for r in rows if r.get("val/top1")]
+    rows = read_metrics(fitted / "metrics.csv")
+    top1 = [float(r["test/top1"]) for r in rows if r.get("test/top1")]  # named after the split it comes from
     assert len(top1) == 2 and all(0.0 <= v <= 1.0 for v in top1)
+    assert not any(key.startswith("val/") for key in rows[0])
     assert any(r.get("lr-AdamW/head") for r in rows)  # LearningRateMonitor, every parameter group
     assert not list(fitted.glob("checkpoints/.*.partial"))
 
@@ -76,7 +83,7 @@ def test_a_fit_without_our_loggers_keeps_run_dir_prints_a_full_summary_and_no_av
     assert avoidable == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     out = capsys.readouterr().out
-    assert "best val mean-class acc." in out and "images/s" in out
+    assert "mean-class acc." in out and "images/s" in out
 
 
 def test_checkpoint_carries_the_hub_record(fitted: Path):
@@ -87,19 +94,23 @@ def test_checkpoint_carries_the_hub_record(fitted: Path):
     assert info["data_config"]["input_size"] == [3, 32, 32]  # model_kwargs.img_size, linked to the data
     assert info["dataset"] == "CUB200DataModule"
     assert info["ema"] is True and info["pretrained"] is None
-    assert info["metrics"]["split"] == "val"
+    # the metrics are those of exactly these weights: the last epoch, on the official test split
+    assert info["metrics"]["split"] == "test"
+    assert info["metrics"]["step"] == checkpoint["global_step"] and info["metrics"]["epoch"] == 1
+    assert len(info["metrics"]["per_class"]) == 10
+    assert info["best"] is None  # no held-out validation split: no best to select
     assert "model_name: irpe_deit_tiny_patch16_224" in info["config_yaml"]
     assert "run_dir:" in info["config_yaml"] and "fit:" not in info["config_yaml"]
     assert any(k.startswith("ema.module.") for k in checkpoint["state_dict"])
 
 
 def test_hub_helper_rebuilds_the_model_from_the_checkpoint(fitted: Path, synthetic_cub: Path):
-    from finetune.hub import load_checkpoint_model
+    from finetune.weights import load_checkpoint_model
 
     path = fitted / "checkpoints" / "last.ckpt"
-    model, meta = load_checkpoint_model(path)
+    model, record = load_checkpoint_model(path)
     state = torch.load(path, weights_only=True)["state_dict"]
-    assert meta["num_classes"] == 10 and model.num_classes == 10
+    assert record.num_classes == 10 and model.num_classes == 10
     assert torch.equal(model.state_dict()["head.weight"], state["ema.module.head.weight"])  # EMA weights
 
 
@@ -128,6 +139,193 @@ def test_resume_after_an_interruption_gives_the_same_weights(
     assert (
         resumed["optimizer_states"][0]["state"][0]["step"] == full["optimizer_states"][0]["state"][0]["step"]
     )
+    # the resume continued the history: the curves of both parts, as the uninterrupted run logged them
+    rows, full_rows = read_metrics(run_dir / "metrics.csv"), read_metrics(fitted / "metrics.csv")
+    assert [r["step"] for r in rows if r.get("train/loss_step")] == [
+        r["step"] for r in full_rows if r.get("train/loss_step")
+    ]
+    assert [r["epoch"] for r in rows if r.get("test/top1")] == ["0", "1"]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "config-resume-1.yaml").is_file()
+
+
+# ----------------------------------------------------------------------------- numbers and their splits
+@pytest.fixture(scope="module")
+def selected(synthetic_cub: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-epoch fit validating on 30% of the training split and keeping its best epoch; returns its run_dir."""
+    run_dir = tmp_path_factory.mktemp("runs") / "selected"
+    args = [*tiny_fit_args(synthetic_cub, run_dir, epochs=3), "--data.val_split", "0.3"]
+    assert main(["fit", *args, "--checkpoint.monitor", "val/top1"]) == 0
+    return run_dir
+
+
+def test_a_held_out_validation_split_selects_the_best_epoch(selected: Path):
+    [best] = (selected / "checkpoints").glob("best-epoch*.ckpt")
+    rows = read_metrics(selected / "metrics.csv")
+    assert len([r for r in rows if r.get("val/top1")]) == 3 and not any(k.startswith("test/") for k in rows[0])
+    best_record = torch.load(best, weights_only=True)["finetune"]
+    last_record = torch.load(selected / "checkpoints" / "last.ckpt", weights_only=True)["finetune"]
+    assert best_record["metrics"]["split"] == "val" and best_record["best"] == best_record["metrics"]
+    assert best == selected / "checkpoints" / f"best-epoch{best_record['metrics']['epoch']:03d}.ckpt"
+    assert last_record["metrics"]["epoch"] == 2 and last_record["best"] == best_record["metrics"]
+
+
+def test_selecting_checkpoints_on_the_test_split_is_refused(synthetic_cub, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["fit", *tiny_fit_args(synthetic_cub, run_dir), "--checkpoint.monitor", "val/top1"]) == 2
+    line = one_line_error(capsys)
+    assert "--checkpoint.monitor val/top1: data.val_split is 0" in line and "--data.val_split 0.1" in line
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("which", ["last", "best"])
+def test_the_card_reports_what_the_shipped_weights_measure(selected, synthetic_cub, tmp_path, which):
+    import timm
+    import yaml
+    from timm.data import resolve_model_data_config
+
+    from datamodules import CUB200DataModule
+
+    ckpt = next((selected / "checkpoints").glob("best-epoch*.ckpt" if which == "best" else "last.ckpt"))
+    out = tmp_path / "export"
+    assert main(["push", "--ckpt", str(ckpt), "--repo-id", "me/tiny", "--export-dir", str(out), "--export-only"]) == 0
+    readme = (out / "README.md").read_text()
+    metadata = yaml.safe_load(readme.split("---\n")[1])
+    [result] = metadata["model-index"][0]["results"]
+    card_top1 = next(m["value"] for m in result["metrics"] if m["name"] == "Top-1 accuracy")
+    assert result["dataset"]["split"] == "validation"
+    assert "validation split held out from the official training split" in readme
+
+    # re-measure: the exported weights, on the split the card names, with the preprocessing it ships
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    config = resolve_model_data_config(model)
+    data = CUB200DataModule(
+        str(synthetic_cub), img_size=config["input_size"][-1], batch_size=8, num_workers=0, val_split=0.3,
+        mean=config["mean"], std=config["std"], interpolation=config["interpolation"], crop_pct=config["crop_pct"],
+    )
+    data.setup("fit")
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in data.val_dataloader():
+            correct += int((model(images).argmax(-1) == labels).sum())
+            total += len(labels)
+    assert card_top1 == round(100 * correct / total, 2)
+    assert f"| Top-1 accuracy | {card_top1:.2f}% |" in readme
+
+
+# ----------------------------------------------------------------------------- naming weights
+def _loaded_model(synthetic_cub: Path, run_dir: Path, *flags: str) -> torch.nn.Module:
+    """The timm model of a fit that trains nothing (max_epochs 0): exactly as its weights were loaded."""
+    return run_cli(["fit", *tiny_fit_args(synthetic_cub, run_dir, epochs=0), *flags]).model.model
+
+
+def test_pretrained_lightning_checkpoint_moves_to_another_resolution(fitted, synthetic_cub, tmp_path):
+    ckpt = fitted / "checkpoints" / "last.ckpt"
+    at_48 = TINY_MODEL.replace("img_size: 32", "img_size: 48")
+    model = _loaded_model(synthetic_cub, tmp_path / "r", "--model.pretrained", str(ckpt), "--model.model_kwargs", at_48)
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert model.pos_embed.shape == (1, 1 + 6 * 6, 64)  # 32 -> 48 px: a 6x6 patch grid, resampled
+    for key in ("blocks.0.attn.qkv.weight", "head.weight"):  # the run used EMA: its averaged weights
+        assert torch.equal(model.state_dict()[key], trained[f"ema.module.{key}"]), key
+
+
+@pytest.fixture(scope="module")
+def exported(fitted: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "tiny"
+    ckpt = fitted / "checkpoints" / "last.ckpt"
+    assert main(["push", "--ckpt", str(ckpt), "--repo-id", "me/tiny", "--export-dir", str(out), "--export-only"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("naming", ["local-dir", "folder", "safetensors"])
+def test_exported_weights_fine_tune_with_their_trained_head(exported, synthetic_cub, tmp_path, naming):
+    import timm
+
+    flags = {
+        "local-dir": ["--model.model_name", f"local-dir:{exported}", "--model.pretrained", "true"],
+        "folder": ["--model.pretrained", str(exported)],
+        "safetensors": ["--model.pretrained", str(exported / "model.safetensors")],
+    }[naming]
+    model = _loaded_model(synthetic_cub, tmp_path / "r", *flags).eval()
+    reference = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(images), reference(images))  # the same class count: the head is kept
+
+
+def test_the_exported_program_runs_with_plain_torch(exported, tmp_path):
+    import timm
+
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(images, tmp_path / "images.pt")
+    script = (
+        "import sys, torch\n"
+        f"model = torch.export.load({str(exported / 'model.pt2')!r}).module()\n"
+        f"torch.save(model(torch.load({str(tmp_path / 'images.pt')!r})), {str(tmp_path / 'logits.pt')!r})\n"
+        "assert not {'finetune', 'timm'} & set(sys.modules), 'the program needs neither package'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reference = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(torch.load(tmp_path / "logits.pt"), reference(images), atol=1e-5)
+    readme = (exported / "README.md").read_text()
+    assert "pip install rpe-finetune" in readme and 'hf_hub_download("me/tiny", "model.pt2")' in readme
+
+
+def test_resuming_a_checkpoint_of_another_architecture_is_refused(fitted, synthetic_cub, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    flags = ["--ckpt_path", str(fitted / "checkpoints" / "last.ckpt"), "--model.model_name", "deit_tiny_patch16_224"]
+    assert main(["fit", *tiny_fit_args(synthetic_cub, run_dir), *flags]) == 2
+    line = one_line_error(capsys)
+    assert "holds a irpe_deit_tiny_patch16_224 model but the recipe/flags train deit_tiny_patch16_224" in line
+    assert "--model.pretrained" in line
+    assert not run_dir.exists()
+
+
+# ----------------------------------------------------------------------------- run folder history
+def test_a_fresh_fit_into_a_run_folder_with_a_training_history_is_refused(fitted, synthetic_cub, capsys):
+    before = folder_state(fitted)
+    assert main(["fit", *tiny_fit_args(synthetic_cub, fitted)]) == 2
+    line = one_line_error(capsys)
+    assert f"--run_dir {fitted} already holds a training run" in line and "--ckpt_path last" in line
+    assert folder_state(fitted) == before
+
+
+def test_validate_writes_its_own_version_folder_and_keeps_the_run(fitted, synthetic_cub):
+    before = folder_state(fitted)
+    args = ["validate", *tiny_fit_args(synthetic_cub, fitted), "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt")]
+    assert main(args) == 0 and main(args) == 0
+    after = folder_state(fitted)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing changed or removed
+    new = sorted(set(after) - set(before))
+    versions = sorted({Path(k).parts[1] for k in new})
+    assert {Path(k).parts[0] for k in new} == {"validate"} and len(versions) == 2
+    for version in versions:
+        folder = fitted / "validate" / version
+        assert {"metrics.csv", "config.yaml", "confusion_matrix_test.png"} <= {p.name for p in folder.iterdir()}
+        assert read_metrics(folder / "metrics.csv")[0]["test/top1"]
+    from finetune.visualize import find_metrics_file
+
+    assert find_metrics_file(fitted) == fitted / "metrics.csv"  # curves of the run, not of the newest validate
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["validate", "--data.root", "/no/such/CUB"],
+        ["validate", "--ckpt_path", "/no/such/last.ckpt"],
+        ["fit", "--ckpt_path", "/no/such/last.ckpt"],
+        ["fit", "--ckpt_path", "last", "--model.num_classes", "3"],
+    ],
+    ids=["validate-data-root", "validate-ckpt-path", "resume-ckpt-path", "resume-num-classes"],
+)
+def test_a_failed_command_leaves_the_run_folder_as_it_was(fitted, synthetic_cub, capsys, bad):
+    before = folder_state(fitted)
+    command, flags = bad[0], bad[1:]
+    assert main([command, *tiny_fit_args(synthetic_cub, fitted), *flags]) == 2
+    one_line_error(capsys)
+    assert folder_state(fitted) == before
 
 
 def test_validate_links_the_model_data_config_into_the_datamodule(fitted: Path, synthetic_cub: Path):
@@ -144,7 +342,7 @@ def test_validate_links_the_model_data_config_into_the_datamodule(fitted: Path, 
     assert cli.datamodule.hparams.img_size == 32
     assert list(cli.datamodule.hparams.mean) == pytest.approx(cli.model.data_config["mean"])
     assert cli.datamodule.hparams.crop_pct == cli.model.data_config["crop_pct"]
-    assert 0.0 <= float(cli.trainer.callback_metrics["val/top1"]) <= 1.0
+    assert 0.0 <= float(cli.trainer.callback_metrics["test/top1"]) <= 1.0  # val_split 0: the test split
 
 
 def test_eval_crop_pct_reaches_the_datamodule(synthetic_cub: Path, tmp_path: Path):
@@ -169,7 +367,6 @@ def test_test_subcommand_reports_metrics_and_a_test_confusion_matrix(fitted: Pat
 
 
 def test_predict_writes_top5_names_and_scores(fitted: Path, synthetic_cub: Path, tmp_path: Path):
-    out = tmp_path / "preds.csv"
     images = synthetic_cub / "CUB_200_2011" / "images" / "001.Red_headed_Two_Barred_Long_tailed"
     code = main(
         [
@@ -179,11 +376,11 @@ def test_predict_writes_top5_names_and_scores(fitted: Path, synthetic_cub: Path,
             str(fitted / "checkpoints" / "last.ckpt"),
             "--prediction.inputs",
             f"[{images}]",
-            "--prediction.output",
-            str(out),
         ]
     )
     assert code == 0
+    out = tmp_path / "p" / "predict" / "version_0" / "predictions.csv"  # the command's own folder
+    assert (out.parent / "config.yaml").is_file()
     with open(out) as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["path"] + [f"{k}{r}" for r in range(1, 6) for k in ("class", "score")]
@@ -286,14 +483,6 @@ def test_unknown_recipe_lists_the_available_ones(capsys):
     assert "unknown recipe 'cub201'" in line and "cub200" in line and "demo" in line
 
 
-def test_unknown_model_name(synthetic_cub, tmp_path, capsys):
-    code = main(
-        ["fit", *tiny_fit_args(synthetic_cub, tmp_path), "--model.model_name", "irpe_deit_tinyy_patch16_224"]
-    )
-    assert code == 2
-    assert "unknown model 'irpe_deit_tinyy_patch16_224'" in one_line_error(capsys)
-
-
 def test_unknown_recipe_key(synthetic_cub, tmp_path, capsys):
     assert main(["fit", *tiny_fit_args(synthetic_cub, tmp_path), "--model.learning_rate", "1"]) == 2
     assert "model.learning_rate" in one_line_error(capsys)
@@ -302,11 +491,6 @@ def test_unknown_recipe_key(synthetic_cub, tmp_path, capsys):
 def test_missing_dataset_root(tmp_path, capsys):
     assert main(["fit", *tiny_fit_args(tmp_path / "nowhere", tmp_path / "run")]) == 2
     assert "CUB-200-2011 not found" in one_line_error(capsys)
-
-
-def test_num_classes_mismatch(synthetic_cub, tmp_path, capsys):
-    assert main(["fit", *tiny_fit_args(synthetic_cub, tmp_path), "--model.num_classes", "7"]) == 2
-    assert "num_classes mismatch" in one_line_error(capsys)
 
 
 def test_pretrained_weights_of_another_architecture(synthetic_cub, tmp_path, capsys):
@@ -331,6 +515,127 @@ def test_checkpoint_of_another_architecture(fitted, synthetic_cub, tmp_path, cap
     assert "the checkpoint is for model 'deit_small_patch16_224_ctx_product_50_shared_k'" in one_line_error(
         capsys
     )
+
+
+def test_mixup_with_batches_of_one_image_is_refused(synthetic_cub, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = [*tiny_fit_args(synthetic_cub, run_dir), "--data.batch_size", "1", "--model.mixup", "0.8"]
+    assert main(["fit", *args]) == 2
+    line = one_line_error(capsys)
+    assert "data.batch_size=1 with Mixup/CutMix" in line and "--data.batch_size 2" in line
+    assert not run_dir.exists()
+
+
+@dataclass
+class BadInput:
+    """A command with one bad input: ``prepare`` damages a copy of the dataset or writes a file and returns
+    extra flags; the command must stop with one line containing every ``expected`` part, exit 2, and
+    write nothing."""
+
+    command: str
+    prepare: Callable[[Path, Path], list[str]]
+    expected: tuple[str, ...]
+
+
+def _empty_images_txt(cub: Path, tmp: Path) -> list[str]:
+    (cub / "CUB_200_2011" / "images.txt").write_text("")
+    return []
+
+
+def _label_out_of_range(cub: Path, tmp: Path) -> list[str]:
+    labels = cub / "CUB_200_2011" / "image_class_labels.txt"
+    rows = labels.read_text().splitlines()
+    rows[3] = rows[3].split()[0] + " 250"
+    labels.write_text("\n".join(rows) + "\n")
+    return []
+
+
+def _truncated_checkpoint(flag: str) -> Callable[[Path, Path], list[str]]:
+    def prepare(cub: Path, tmp: Path) -> list[str]:
+        ckpt = tmp / "cut.ckpt"
+        torch.save({"state_dict": {"model.w": torch.zeros(1000)}, "finetune": {}}, ckpt)
+        truncate_file(ckpt)
+        return [flag, str(ckpt)]
+
+    return prepare
+
+
+def _flags(*flags: str) -> Callable[[Path, Path], list[str]]:
+    return lambda cub, tmp: list(flags)
+
+
+def _offline_release(cub: Path, tmp: Path) -> list[str]:
+    return ["--model.model_name", "deit_tiny_patch16_224_ctx_product_50_shared_k", "--model.pretrained", "true"]
+
+
+def _checkpoint_of_other_data(fitted: Path) -> Callable[[Path, Path], list[str]]:
+    def prepare(cub: Path, tmp: Path) -> list[str]:
+        three = build_cub(tmp / "three_classes").root.parent
+        return ["--data.root", str(three), "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt")]
+
+    return prepare
+
+
+BAD_INPUTS = {
+    "empty images.txt": BadInput("fit", _empty_images_txt, ("images.txt: lists no images",)),
+    "label out of range": BadInput(
+        "fit", _label_out_of_range, ("image_class_labels.txt: image id 4 has class 250, expected 1..10",)
+    ),
+    "truncated --ckpt_path": BadInput(
+        "validate", _truncated_checkpoint("--ckpt_path"), ("cut.ckpt: not a complete checkpoint file", "save it again")
+    ),
+    "truncated --model.pretrained": BadInput(
+        "fit", _truncated_checkpoint("--model.pretrained"), ("cut.ckpt: not a complete checkpoint file",)
+    ),
+    "release offline": BadInput(
+        "fit",
+        _offline_release,
+        (
+            "cannot download the pretrained weights of deit_tiny_patch16_224_ctx_product_50_shared_k from https://",
+            "--model.pretrained PATH/TO/deit_tiny_patch16_224_ctx_product_50_shared_k.pth",
+        ),
+    ),
+    "unknown model": BadInput(
+        "fit",
+        _flags("--model.model_name", "irpe_deit_tinyy_patch16_224"),
+        ("unknown model 'irpe_deit_tinyy_patch16_224'; did you mean irpe_deit_tiny_patch16_224",),
+    ),
+    "num_classes flag": BadInput(
+        "fit",
+        _flags("--model.num_classes", "7"),
+        ("model.num_classes=7 but the data (CUB200DataModule) has 10 classes; remove --model.num_classes",),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_INPUTS, "checkpoint of other data"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, fitted, synthetic_cub, tmp_path, capsys, monkeypatch):
+    bad = BAD_INPUTS.get(case) or BadInput(
+        "validate", _checkpoint_of_other_data(fitted), ("the checkpoint has 10 classes but the data has 3",)
+    )
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # no network: downloads are refused at once
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cub = tmp_path / "data"
+    shutil.copytree(synthetic_cub, cub)
+    flags = bad.prepare(cub, tmp_path)
+    run_dir = tmp_path / "run"
+    assert main([bad.command, *tiny_fit_args(cub, run_dir), *flags]) == 2
+    line = one_line_error(capsys)
+    for part in bad.expected:
+        assert part in line, line
+    assert not run_dir.exists()
+
+
+def test_cli_help_lists_every_command_and_the_recipe_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in ("fit", "validate", "test", "predict", "push", "convert", "visualize"))
+    assert "--recipe NAME" in text
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--data.help", "CUB200DataModule"])
+    assert info.value.code == 0 and "--data.crop_to_bbox" in capsys.readouterr().out
 
 
 def test_out_of_memory_batch(synthetic_cub, tmp_path, capsys):
@@ -383,6 +688,25 @@ def test_push_to_hub_with_a_bad_repo_id_fails_before_training(synthetic_cub, tmp
     assert not (run_dir / "checkpoints").exists()
 
 
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def full_disk(obj: object, f: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as info:
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert message.startswith(f"cannot write checkpoint {path} (No space left on device)") and "\n" not in message
+    assert "the previous last.ckpt is kept" in message and "--ckpt_path last" in message
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
 def test_atomic_checkpoint_write_keeps_the_previous_file_on_failure(tmp_path):
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -415,6 +739,8 @@ def test_sigterm_leaves_a_resumable_last_checkpoint(synthetic_cub, tmp_path):
     assert proc.returncode == 1, output[-3000:]
     assert "resume with: --ckpt_path last" in output
     interrupted = torch.load(last, weights_only=True)
+    steps_before = [r["step"] for r in read_metrics(run_dir / "metrics.csv") if r.get("train/loss_step")]
+    assert steps_before and steps_before[0] == "0"
     assert (
         main(
             [
@@ -427,6 +753,9 @@ def test_sigterm_leaves_a_resumable_last_checkpoint(synthetic_cub, tmp_path):
         == 0
     )
     assert torch.load(last, weights_only=True)["epoch"] == interrupted["epoch"] + 1
+    steps_after = [r["step"] for r in read_metrics(run_dir / "metrics.csv") if r.get("train/loss_step")]
+    assert steps_after[: len(steps_before)] == steps_before  # the curves before the interruption are kept
+    assert len(steps_after) > len(steps_before)
 
 
 @pytest.mark.slow
@@ -451,6 +780,6 @@ def test_ddp_on_two_cpu_processes_reports_the_same_metrics_on_both_ranks(synthet
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rank0 = json.loads((tmp_path / "ranks" / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "ranks" / "rank1.json").read_text())
-    assert {"val/top1", "val/top5", "val/mean_class_acc"} <= set(rank0)
+    assert {"test/top1", "test/top5", "test/mean_class_acc"} <= set(rank0)
     assert rank0 == pytest.approx(rank1)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -33,7 +33,10 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 import finetune  # noqa: F401  (registers the models)
-from finetune.hub import HubError, PushToHubCallback, convert_main, create_model, push_main
+from finetune.callbacks import PushToHubCallback
+from finetune.cli import main as cli_main
+from finetune.commands import convert_main, push_main
+from finetune.weights import HubError, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_secretTOKEN1234567890abcdef"
@@ -70,8 +73,9 @@ def write_ckpt(path: Path, ema: bool = True, config_yaml: str | None = "model: t
     meta = {
         "model_name": model_name, "model_kwargs": kwargs, "num_classes": len(CLASSES), "class_names": CLASSES,
         "data_config": DATA_CONFIG,
-        "metrics": {"top1": 0.8125, "top5": 0.96875, "mean_class_acc": 0.79, "split": "val", "epoch": 7},
-        "per_class_accuracy": dict(zip(CLASSES, [0.9, 0.5, 0.75, 1.0, 0.8], strict=True)),
+        "metrics": {"top1": 0.8125, "top5": 0.96875, "mean_class_acc": 0.79, "split": "val", "epoch": 7, "step": 80,
+                    "per_class": dict(zip(CLASSES, [0.9, 0.5, 0.75, 1.0, 0.8], strict=True))},
+        "best": None,
         "pretrained": "hf-hub:someone/irpe-base@v1", "ema": ema, "dataset": "cub200", "config_yaml": config_yaml,
     }
     meta.update(meta_overrides)
@@ -83,6 +87,8 @@ def write_ckpt(path: Path, ema: bool = True, config_yaml: str | None = "model: t
 def hub_env(tmp: Path, endpoint: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp / "hf_home"), HF_TOKEN=TOKEN, TORCH_HOME=str(tmp / "torch"))
+    # the worker imports this checkout's packages (not whichever copy is installed in the environment)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env.update(extra)
     return env
 
@@ -165,8 +171,8 @@ class TinyClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["finetune"] = {
             "model_name": "irpe_deit_tiny_patch16_224", "model_kwargs": TINY, "num_classes": len(CLASSES),
-            "class_names": CLASSES, "data_config": DATA_CONFIG, "metrics": {"top1": 0.5, "split": "val", "epoch": 0},
-            "per_class_accuracy": {}, "pretrained": None, "ema": False, "dataset": "imagenet", "config_yaml": None,
+            "class_names": CLASSES, "data_config": DATA_CONFIG, "metrics": None, "best": None,
+            "pretrained": None, "ema": False, "dataset": "imagenet", "config_yaml": None,
         }
 
 
@@ -181,7 +187,8 @@ def _fit(root: str, repo_id: str) -> int:
 
 def _serve() -> None:
     """Worker loop: one JSON [command, args] per stdin line, one JSON result per stdout line."""
-    commands = {"push": push_main, "convert": convert_main, "pull": lambda a: _pull(*a), "fit": lambda a: _fit(*a)}
+    commands = {"push": push_main, "convert": convert_main, "pull": lambda a: _pull(*a), "fit": lambda a: _fit(*a),
+                "cli": cli_main}
     channel = sys.stdout
     for line in sys.stdin:
         command, args = json.loads(line)
@@ -277,7 +284,8 @@ def test_push_uploads_a_complete_timm_repo(hub, pushed):
     metrics = {m["name"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"Top-1 accuracy": 81.25, "Top-5 accuracy": 96.88, "Mean class accuracy": 79.0}
     card = ModelCard(readme)  # huggingface_hub parses the metadata too
-    assert card.data.eval_results[0].dataset_split == "val"
+    assert card.data.eval_results[0].dataset_split == "validation"
+    assert "## Results (cub200, validation split held out from the official training split, epoch 7)" in readme
     assert 'timm.create_model("hf-hub:me/tiny-cub", pretrained=True)' in readme
     assert "| dove | 100.00% | bunting | 50.00% |\n| albatross | 90.00% | cardinal | 75.00% |\n\n" in readme
     assert "arXiv:2107.14222" in readme
@@ -333,6 +341,28 @@ def test_pull_missing_revision_and_repo(hub, online, pushed, tmp_path):
     assert lines[1].startswith(f"me/absent: repository not found on {hub.url}")
 
 
+@pytest.mark.parametrize(
+    ("worker", "model_name", "pretrained", "expected"),
+    [
+        ("online", "hf-hub:me/tiny-cbu", "true", "me/tiny-cbu: repository not found on"),
+        ("offline", "hf-hub:me/never-pulled", "true", "me/never-pulled: config.json is not in the local cache"),
+        ("offline", "hf-hub:me/never-pulled", "false", "me/never-pulled: config.json is not in the local cache"),
+        ("offline", "deit_tiny_patch16_224", "true", "timm/deit_tiny_patch16_224.fb_in1k: model.safetensors is not"),
+    ],
+    ids=["typo", "offline-hub-repo", "offline-hub-config", "offline-timm-weights"],
+)
+def test_cli_names_the_hub_repo_in_one_line(workers, pushed, tmp_path, worker, model_name, pretrained, expected):
+    run_dir = tmp_path / "run"
+    result = workers[worker]("cli", "fit", "--model.model_name", model_name, "--model.pretrained", pretrained,
+                             "--data", "datamodules.CUB200DataModule", "--data.root", tmp_path, "--run_dir", run_dir)
+    assert result.rc == 2, result.stderr[-2000:]
+    [line] = result.errors
+    assert expected in line
+    if worker == "offline":
+        assert "HF_HUB_OFFLINE=1" in line
+    assert not run_dir.exists()
+
+
 def test_push_folder_to_branch_and_pull_request(hub, online, pushed):
     folder = pushed["folder"]
     result = online("push", "--folder", folder, "--repo-id", "me/tiny-cub", "--revision", "dev")
@@ -348,11 +378,11 @@ def test_push_folder_to_branch_and_pull_request(hub, online, pushed):
 
 
 def _assert_failed_push(result: Result, folder: Path, cause: str) -> None:
-    assert result.rc == 1
+    assert result.rc == 2
     [line] = result.errors
     assert cause in line
     assert f"the export is kept, retry with: python cli.py push --folder {folder} --repo-id me/fail" in line
-    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "README.md", "config.yaml"}
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "model.pt2", "config.json", "README.md", "config.yaml"}
 
 
 def test_push_401_is_not_retried(hub, online, tmp_path):
@@ -405,27 +435,27 @@ def test_callback_pushes_at_fit_end(hub, online, tmp_path):
 def test_export_errors_are_one_line(tmp_path, capsys):
     ckpt = tmp_path / "best.ckpt"
     write_ckpt(ckpt, metrics={"top1": 81.2, "split": "val"})
-    assert push_main(["--ckpt", str(ckpt), "--repo-id", "me/x", "--export-only"]) == 1
+    assert push_main(["--ckpt", str(ckpt), "--repo-id", "me/x", "--export-only"]) == 2
     assert f"error: {ckpt}: finetune.metrics.top1=81.2: expected a fraction in [0, 1]\n" == capsys.readouterr().err
-    assert not (tmp_path / "hub_export" / "x").exists()  # nothing half-written
-    assert [p.name for p in (tmp_path / "hub_export").iterdir()] == []
+    assert not (tmp_path / "hub_export").exists()  # nothing written: the record is checked first
 
     other = tmp_path / "other.ckpt"
     write_ckpt(other, model_kwargs=dict(TINY, embed_dim=64, num_heads=2))
     torch.save({**torch.load(other, weights_only=True), "finetune": {
         **torch.load(ckpt, weights_only=True)["finetune"], "metrics": {}}}, other)
-    assert push_main(["--ckpt", str(other), "--repo-id", "me/x", "--export-only"]) == 1
+    assert push_main(["--ckpt", str(other), "--repo-id", "me/x", "--export-only"]) == 2
     [line] = capsys.readouterr().err.splitlines()
-    assert "key ema.module.cls_token has shape (1, 1, 64)" in line and "expects (1, 1, 32)" in line
+    assert line.startswith(f"error: {other}: checkpoint key 'cls_token' has shape (1, 1, 64)")
+    assert "expects (1, 1, 32)" in line
 
     write_ckpt(ckpt, data_config={**DATA_CONFIG, "input_size": [3, 64, 64]})  # the model takes 32x32
-    assert push_main(["--ckpt", str(ckpt), "--repo-id", "me/x", "--export-only"]) == 1
+    assert push_main(["--ckpt", str(ckpt), "--repo-id", "me/x", "--export-only"]) == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {ckpt}: finetune.data_config {{'input_size': (3, 64, 64)")
 
-    assert push_main(["--folder", str(tmp_path), "--repo-id", "me/x", "--create-pr", "--revision", "dev"]) == 1
+    assert push_main(["--folder", str(tmp_path), "--repo-id", "me/x", "--create-pr", "--revision", "dev"]) == 2
     assert "cannot be combined with --revision 'dev'" in capsys.readouterr().err
-    assert push_main(["--folder", str(tmp_path), "--repo-id", "not a repo"]) == 1
+    assert push_main(["--folder", str(tmp_path), "--repo-id", "not a repo"]) == 2
     assert "--repo-id 'not a repo'" in capsys.readouterr().err
 
 
@@ -434,11 +464,11 @@ def test_export_only_keeps_existing_folder_until_replaced(tmp_path, capsys):
     write_ckpt(ckpt, ema=False, config_yaml=None)
     out = tmp_path / "export"
     assert push_main(["--ckpt", str(ckpt), "--repo-id", "me/x", "--export-only", "--export-dir", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.pt2", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "export"]  # no temporary leftovers
     model = timm.create_model(f"local-dir:{out}", pretrained=True)
     write_ckpt(ckpt, ema=False, metrics={"top1": 2.0})  # a bad re-export leaves the old folder as it was
-    assert push_main(["--ckpt", str(ckpt), "--repo-id", "me/x", "--export-only", "--export-dir", str(out)]) == 1
+    assert push_main(["--ckpt", str(ckpt), "--repo-id", "me/x", "--export-only", "--export-dir", str(out)]) == 2
     assert torch.equal(logits(timm.create_model(f"local-dir:{out}", pretrained=True)), logits(model))
 
 
@@ -517,19 +547,19 @@ def test_convert_rejects_other_architectures_and_pickled_objects(tmp_path, capsy
     torch.save({"model": other.state_dict()}, source)
     out = tmp_path / "out"
     assert convert_main(["--source", str(source), "--model", OFFICIAL, "--model-args", '{"depth": 1}',
-                         "--out", str(out)]) == 1
+                         "--out", str(out)]) == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {source}: checkpoint key 'cls_token' has shape (1, 1, 64)")
     assert not out.exists()
 
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"model": {}, "hook": socket.socket}, unsafe)  # an arbitrary class in the pickle
-    assert convert_main(["--source", str(unsafe), "--model", OFFICIAL, "--out", str(out)]) == 1
+    assert convert_main(["--source", str(unsafe), "--model", OFFICIAL, "--out", str(out)]) == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {unsafe}: not a plain weights file (it pickles socket.socket")
 
-    assert convert_main(["--source", str(source), "--model", "no_such_model", "--out", str(out)]) == 1
-    assert "--model 'no_such_model': not a registered model" in capsys.readouterr().err
+    assert convert_main(["--source", str(source), "--model", "no_such_model", "--out", str(out)]) == 2
+    assert "unknown model 'no_such_model'" in capsys.readouterr().err
 
 
 SPVIT = "spvit_small_patch16_224"

@@ -19,9 +19,9 @@ from timm.optim import param_groups_layer_decay
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from finetune.backbones.checkpoint import CheckpointMismatchError
 from finetune.module import FinetuneConfigError, ImageClassifier
 from finetune.optim import no_weight_decay_names
+from finetune.weights import WeightsError
 
 SPVIT_TINY = dict(depth=2, sp_layers=1, embed_dim=64, num_heads=2, img_size=32)
 
@@ -331,7 +331,9 @@ def test_checkpoint_record_and_weights_only_loading(tmp_path):
     }
     assert info["metrics"]["split"] == "val" and info["metrics"]["epoch"] == 0
     assert 0.0 <= info["metrics"]["top1"] <= info["metrics"]["top5"] <= 1.0
-    assert set(info["per_class_accuracy"]) == set(info["class_names"])
+    assert set(info["metrics"]["per_class"]) == set(info["class_names"])
+    assert info["metrics"]["step"] == checkpoint["global_step"]  # the evaluation of exactly these weights
+    assert info["best"] == info["metrics"]
     assert info["pretrained"] is None and info["ema"] is True and info["dataset"] == "tensors"
 
     loaded = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
@@ -351,7 +353,7 @@ def test_class_names_come_from_the_datamodule_in_setup(tmp_path):
 
 # ----------------------------------------------------------------------------- bad settings
 def test_unknown_model_name_is_one_clear_error():
-    with pytest.raises(FinetuneConfigError, match="unknown model 'irpe_deit_tinny'"):
+    with pytest.raises(WeightsError, match="unknown model 'irpe_deit_tinny'; did you mean .*irpe_deit_tiny_patch16_224"):
         ImageClassifier("irpe_deit_tinny")
 
 
@@ -372,14 +374,15 @@ def test_pretrained_file_of_another_architecture_names_the_mismatch(tmp_path):
     other = timm.create_model("irpe_deit_tiny_patch16_224", **{**TINY, "embed_dim": 32})
     path = tmp_path / "other.pth"
     torch.save({"model": other.state_dict()}, path)
-    with pytest.raises(CheckpointMismatchError, match="another architecture"):
+    with pytest.raises(WeightsError, match="other.pth: checkpoint key 'cls_token' .* another architecture"):
         ImageClassifier("irpe_deit_tiny_patch16_224", pretrained=str(path), model_kwargs=TINY)
 
 
 def test_num_classes_mismatch_with_the_data_is_one_clear_error(tmp_path):
     model = tiny_classifier(num_classes=7)
     with pytest.raises(
-        FinetuneConfigError, match="num_classes mismatch: the model has 7 classes but .* has 4"
+        FinetuneConfigError,
+        match=r"num_classes mismatch: model.num_classes=7 but the data \(ImageTensors\) has 4 classes; remove",
     ):
         fit(model, tmp_path, epochs=1)
 

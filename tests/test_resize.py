@@ -11,7 +11,8 @@ import torch
 
 import finetune  # noqa: F401  (registers the models)
 from finetune.backbones.irpe import ImageRPE, RPEConfig, bucket_ids
-from finetune.hub import CardInfo, export_model
+from finetune.card import CardInfo
+from finetune.export import export_model
 from finetune.resize import (
     checkpoint_grid,
     interpolated_config,

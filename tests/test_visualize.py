@@ -173,7 +173,7 @@ def test_buckets_command_reads_the_model_config_from_a_checkpoint(tmp_path, irpe
     ],
 )
 def test_buckets_command_errors(tmp_path, capsys, argv, message):
-    assert main(["buckets", "--grid", "6", "6", *argv, "--out", str(tmp_path / "x.png")]) == 1
+    assert main(["buckets", "--grid", "6", "6", *argv, "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
@@ -216,12 +216,12 @@ def test_priors_command(tmp_path, spvit_pth, irpe_pth, capsys):
     assert main([*argv, "--layer", "0", "--dpi", "60", "--out", str(out)]) == 0
     png = read_png(out)
     assert png.shape[1] == round((3 * PANEL_INCHES + 1.0) * 60)
-    assert main([*argv, "--layer", "1", "--out", str(out)]) == 1
+    assert main([*argv, "--layer", "1", "--out", str(out)]) == 2
     assert "--layer 1: SP-SA layers of this model are 0-0" in capsys.readouterr().err
-    assert main(["priors", "--model", SPVIT, "--out", str(out)]) == 1
+    assert main(["priors", "--model", SPVIT, "--out", str(out)]) == 2
     assert "pass --checkpoint PATH" in capsys.readouterr().err
     irpe = ["priors", "--model", IRPE, "--checkpoint", str(irpe_pth), "--model-kwargs", json.dumps(IRPE_KWARGS)]
-    assert main([*irpe, "--out", str(out)]) == 1
+    assert main([*irpe, "--out", str(out)]) == 2
     assert "has no SP-SA layers" in capsys.readouterr().err
 
 
@@ -268,13 +268,13 @@ def test_attention_command(tmp_path, irpe_pth, spvit_pth, image_path, capsys):
     assert main(["attention", *spvit, "--image", str(image_path), "--out", str(out)]) == 0  # last block: class token
     assert main(["attention", *spvit, "--image", str(image_path), "--layer", "0", "--query-patch", "1", "2",
                  "--out", str(out)]) == 0
-    assert main(["attention", *spvit, "--image", str(image_path), "--layer", "0", "--out", str(out)]) == 1
+    assert main(["attention", *spvit, "--image", str(image_path), "--layer", "0", "--out", str(out)]) == 2
     assert "no class token): pass --query-patch ROW COL" in capsys.readouterr().err
-    assert main(["attention", *irpe, "--image", str(image_path), "--query-patch", "4", "0", "--out", str(out)]) == 1
+    assert main(["attention", *irpe, "--image", str(image_path), "--query-patch", "4", "0", "--out", str(out)]) == 2
     assert "--query-patch 4 0: outside the 4x4 patch grid" in capsys.readouterr().err
-    assert main(["attention", *irpe, "--image", str(tmp_path / "none.jpg"), "--out", str(out)]) == 1
+    assert main(["attention", *irpe, "--image", str(tmp_path / "none.jpg"), "--out", str(out)]) == 2
     assert "none.jpg: no such file" in capsys.readouterr().err
-    assert main(["attention", *irpe, "--image", str(image_path), "--layer", "3", "--out", str(out)]) == 1
+    assert main(["attention", *irpe, "--image", str(image_path), "--layer", "3", "--out", str(out)]) == 2
     assert "--layer 3: the model has 1 blocks" in capsys.readouterr().err
 
 
@@ -317,7 +317,7 @@ def test_curves_command(tmp_path, capsys):
         assert (np.abs(colors - rgb).sum(axis=1) < 12).any(), rgb
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.csv").write_text("step,epoch,grad_norm\n0,0,1.0\n")
-    assert main(["curves", "--log-dir", str(tmp_path / "bad"), "--out", str(out)]) == 1
+    assert main(["curves", "--log-dir", str(tmp_path / "bad"), "--out", str(out)]) == 2
     assert "no loss, top-1/accuracy or lr column with values (columns: step, epoch, grad_norm)" in capsys.readouterr().err
-    assert main(["curves", "--log-dir", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert main(["curves", "--log-dir", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "no such file or folder" in capsys.readouterr().err

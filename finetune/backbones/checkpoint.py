@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..errors import FinetuneError
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(FinetuneError, ValueError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
