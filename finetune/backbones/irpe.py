@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from timm.layers.attention import resolve_self_attn_mask
 from torch import Tensor, nn
 
@@ -549,6 +550,7 @@ class _RecomputedAttention(torch.autograd.Function):
         return (grad_qkv, None, None, *grad_tables, *([None] * len(ids)))
 
 
+@register_notrace_module  # FX: a leaf (the grid check and the choice of path are Python control flow)
 class RPEAttention(nn.Module):
     """Multi-head self-attention with iRPE on queries, keys and/or values.
 

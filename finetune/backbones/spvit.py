@@ -22,7 +22,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import (
+    DropPath,
+    Mlp,
+    register_notrace_function,
+    register_notrace_module,
+    resample_abs_pos_embed,
+    to_2tuple,
+    trunc_normal_,
+)
 from timm.layers.attention import Attention
 from timm.models import (
     build_model_with_cfg,
@@ -72,6 +80,7 @@ def offset_table(height: int, width: int, device: torch.device | None = None) ->
     return offsets, index
 
 
+@register_notrace_module  # FX: a leaf (its token-count check and per-image CPU loop are Python control flow)
 class SPSAttention(nn.Module):
     """Spatial-prior self-attention: logit_ij = SP_h(dx, dy) * (q_i . k_j) / sqrt(d), softmax over j.
 
@@ -246,6 +255,12 @@ class SPViTBlock(nn.Module):
         return self.pos_block(x, grid_size, self.num_prefix_tokens)
 
 
+def stem_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """Patch grid the stem gives an image: a stride-2 conv (padded), then a patch_size/2 projection."""
+    half = patch_size // 2
+    return (height + 1) // 2 // half, (width + 1) // 2 // half
+
+
 class ConvStem(nn.Module):
     """LV-ViT patch stem: conv 7x7 stride 2, two 3x3 convs (each followed by BN and ReLU), then a
     (patch/2) x (patch/2) projection with that stride. Returns the (B, C, h, w) patch map."""
@@ -283,8 +298,7 @@ class ConvStem(nn.Module):
 
     def feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid of an image size."""
-        half = self.patch_size[0] // 2
-        return ((img_size[0] + 1) // 2 // half, (img_size[1] + 1) // 2 // half)
+        return stem_grid(img_size[0], img_size[1], self.patch_size[0])
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -476,15 +490,10 @@ class SPViT(nn.Module):
 
     def grid_size_of(self, x: Tensor) -> tuple[int, int]:
         """Patch grid of an image batch; without ``dynamic_img_size`` it must be the built grid."""
-        grid = self.patch_embed.feat_size((x.shape[-2], x.shape[-1]))
-        if not self.dynamic_img_size and grid != self.patch_embed.grid_size:
-            raise ValueError(
-                f"input images {x.shape[-2]}x{x.shape[-1]} give a {grid[0]}x{grid[1]} patch grid, but the model was "
-                f"built for img_size={self.patch_embed.img_size} ({self.patch_embed.grid_size[0]}x"
-                f"{self.patch_embed.grid_size[1]}); create it with img_size=({x.shape[-2]}, {x.shape[-1]}) "
-                "or dynamic_img_size=True"
-            )
-        return grid
+        if self.dynamic_img_size:
+            return self.patch_embed.feat_size((x.shape[-2], x.shape[-1]))
+        check_image_grid(x, self.patch_embed.grid_size, self.patch_embed.patch_size[0], self.patch_embed.img_size)
+        return self.patch_embed.grid_size
 
     def _embed(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
         """Patch tokens (with the class token when ``sp_layers`` is 0) plus pos_embed, resampled to
@@ -591,6 +600,20 @@ class SPViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         return self.forward_head(self.forward_features(x))
+
+
+@register_notrace_function  # FX: called as one node, so the check runs on every call of the traced model
+def check_image_grid(x: Tensor, grid_size: tuple[int, int], patch_size: int, img_size: tuple[int, int]) -> None:
+    """Raise a clear error unless image batch ``x`` gives the ``grid_size`` a model was built for
+    (``img_size``, the stem's patch size ``patch_size``)."""
+    height, width = x.shape[-2], x.shape[-1]
+    grid = stem_grid(height, width, patch_size)
+    if grid != tuple(grid_size):
+        raise ValueError(
+            f"input images {height}x{width} give a {grid[0]}x{grid[1]} patch grid, but the model was built for "
+            f"img_size={tuple(img_size)} ({grid_size[0]}x{grid_size[1]}); create it with img_size=({height}, {width}) "
+            "or dynamic_img_size=True"
+        )
 
 
 def _check_global_pool(global_pool: str) -> None:
