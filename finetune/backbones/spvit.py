@@ -489,15 +489,17 @@ class SPViT(nn.Module):
         update_model_input_size(self, self.patch_embed.img_size)
 
     def grid_size_of(self, x: Tensor) -> tuple[int, int]:
-        """Patch grid of an image batch; without ``dynamic_img_size`` it must be the built grid."""
+        """Patch grid of an image batch: the built grid unless ``dynamic_img_size`` (``_embed`` checks)."""
         if self.dynamic_img_size:
             return self.patch_embed.feat_size((x.shape[-2], x.shape[-1]))
-        check_image_grid(x, self.patch_embed.grid_size, self.patch_embed.patch_size[0], self.patch_embed.img_size)
         return self.patch_embed.grid_size
 
     def _embed(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
         """Patch tokens (with the class token when ``sp_layers`` is 0) plus pos_embed, resampled to
-        ``grid_size`` when it is not the built grid (``dynamic_img_size``)."""
+        ``grid_size`` when it is not the built grid (``dynamic_img_size``); other models check the
+        image size first."""
+        if not self.dynamic_img_size:
+            x = checked_images(x, self.patch_embed.grid_size, self.patch_embed.patch_size[0], self.patch_embed.img_size)
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         if self.sp_layers == 0:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -602,10 +604,10 @@ class SPViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@register_notrace_function  # FX: called as one node, so the check runs on every call of the traced model
-def check_image_grid(x: Tensor, grid_size: tuple[int, int], patch_size: int, img_size: tuple[int, int]) -> None:
-    """Raise a clear error unless image batch ``x`` gives the ``grid_size`` a model was built for
-    (``img_size``, the stem's patch size ``patch_size``)."""
+@register_notrace_function  # FX: one node whose output is used, so a traced model still checks
+def checked_images(x: Tensor, grid_size: tuple[int, int], patch_size: int, img_size: tuple[int, int]) -> Tensor:
+    """``x`` itself if the image batch gives the ``grid_size`` a model was built for (``img_size``, the
+    stem's patch size ``patch_size``); a clear error otherwise."""
     height, width = x.shape[-2], x.shape[-1]
     grid = stem_grid(height, width, patch_size)
     if grid != tuple(grid_size):
@@ -614,6 +616,7 @@ def check_image_grid(x: Tensor, grid_size: tuple[int, int], patch_size: int, img
             f"img_size={tuple(img_size)} ({grid_size[0]}x{grid_size[1]}); create it with img_size=({height}, {width}) "
             "or dynamic_img_size=True"
         )
+    return x
 
 
 def _check_global_pool(global_pool: str) -> None:
