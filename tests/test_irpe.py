@@ -266,6 +266,8 @@ def test_token_count_must_match_grid_and_skip():
     attn = RPEAttention(16, 2, rpe_config=RPEConfig(skip=1))
     with pytest.raises(ValueError, match="do not match a 4x5 grid with 1 leading token"):
         attn(torch.randn(1, 20, 16), (4, 5))
+    with pytest.raises(ValueError, match="no patch grid; pass grid_size"):  # no square guess
+        attn(torch.randn(1, 17, 16))
 
 
 # ---------------------------------------------------------------------------------------------
