@@ -688,11 +688,19 @@ class RPEAttention(nn.Module):
         return "explicit"
 
     @torch.no_grad()
-    def attention_weights(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
-        """Attention probabilities (B, H, n, n) for input tokens ``x`` (what the visualiser draws)."""
+    def attention_weights(
+        self,
+        x: Tensor,
+        grid_size: tuple[int, int] | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """Attention probabilities (B, H, n, n) for the inputs of a ``forward`` call (what the visualiser draws)."""
         qkv, grid = self._qkv(x, grid_size)
         q, k, _ = _split_heads(qkv)
-        return self._logits(q, k, grid).softmax(dim=-1)
+        logits = self._logits(q, k, grid)
+        mask = resolve_self_attn_mask(x.shape[1], logits, attn_mask, is_causal)
+        return (logits if mask is None else logits + mask).softmax(dim=-1)
 
     def forward(
         self,
