@@ -209,3 +209,29 @@ def test_inductor_compile_matches_eager():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["irpe", "spvit"])
+def test_fx_feature_extraction_traces_forward_and_backward(name):
+    """timm's FX path (torchvision's feature extractor with timm's leaf modules and wrapped functions),
+    as timm's own test_model_forward_fx / backward_fx run it."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = irpe_model(dict(method="cross", mode="ctx", rpe_on="qkv")) if name == "irpe" else spvit_model()
+    tracer_kwargs = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True
+    )
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    traced = create_feature_extractor(
+        model, train_return_nodes=train_nodes[-1:], eval_return_nodes=eval_nodes[-1:], tracer_kwargs=tracer_kwargs
+    )
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(next(iter(traced(x).values())), model(x))
+    traced.train()
+    next(iter(traced(x).values())).mean().backward()
+    assert all(param.grad is not None for param in traced.parameters())
+    if name == "spvit":  # the size check survives tracing
+        with pytest.raises(ValueError, match="give a 5x5 patch grid"):
+            traced(images(size=80))
