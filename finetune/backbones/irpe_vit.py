@@ -45,7 +45,7 @@ def _check_plain_attention(model: nn.Module, base_model: str) -> None:
     for index, block in enumerate(model.blocks):
         attn = block.attn
         plain = type(block) is Block and type(attn) is Attention
-        if not plain or attn.gate is not None or attn.head_dim * attn.num_heads != attn.qkv.in_features or not all(
+        if not plain or getattr(attn, "gate", None) is not None or attn.head_dim * attn.num_heads != attn.qkv.in_features or not all(
             isinstance(norm, nn.Identity) for norm in (attn.q_norm, attn.k_norm, attn.norm)
         ):
             raise ValueError(
