@@ -128,3 +128,13 @@ def test_hub_export_rebuilds_the_same_model(tmp_path):
     reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(_images()), model(_images()))
+
+
+def test_compiles_in_one_graph_and_exports():
+    model = timm.create_model(NAME, **TINY).eval()
+    _randomize_tables(model)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(_images()), model(_images()))
+        program = torch.export.export(model, (_images(),))
+        torch.testing.assert_close(program.module()(_images()), model(_images()))

@@ -136,3 +136,16 @@ def test_hub_export_rebuilds_and_moves_to_another_resolution(tmp_path):
         assert torch.equal(reloaded(_images()), model(_images()))
     at_64 = timm.create_model(f"local-dir:{folder}", pretrained=True, img_size=64, rpe_config={"resize": "scale"})
     assert at_64.rpe_config == RPEConfig("product", "ctx", 1.9, "qk", index="clip", resize="scale", trained_grid=(4, 4))
+
+
+def test_compiles_in_one_graph_and_exports(tmp_path):
+    _, path = timm_checkpoint_file("vit_small_patch16_224", tmp_path / "plain.pth", **TINY)
+    model = _irpe_vit("vit_small_patch16_224", path, {"method": "cross", "rpe_on": "qkv"}, **TINY)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".rpe_" in name:
+                param.normal_()
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(_images()), model(_images()))
+        program = torch.export.export(model, (_images(),))
+        torch.testing.assert_close(program.module()(_images()), model(_images()))
