@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "RPEConfig",
+    "RPE_PRESETS",
     "piecewise_index",
     "clip_index",
     "num_buckets",
@@ -124,19 +125,38 @@ class RPEConfig:
         return asdict(self)
 
     @classmethod
-    def from_any(cls, config: RPEConfig | dict[str, Any] | None) -> RPEConfig:
-        """Accept a config, a plain dict (from YAML or a Hub config.json) or None (the official default)."""
+    def from_any(cls, config: RPEConfig | dict[str, Any] | str | None) -> RPEConfig:
+        """Accept a config, a plain dict (from YAML or a Hub config.json), a name of ``RPE_PRESETS`` or
+        None (the official default)."""
         if config is None:
             return cls()
         if isinstance(config, cls):
             return config
+        if isinstance(config, str):
+            if config not in RPE_PRESETS:
+                raise ValueError(f"rpe_config={config!r}: expected a dict or a preset name, one of {', '.join(RPE_PRESETS)}")
+            return RPE_PRESETS[config]
         if isinstance(config, dict):
             known = {f.name for f in fields(cls)}
             unknown = sorted(set(config) - known)
             if unknown:
                 raise ValueError(f"rpe_config: unknown key(s) {unknown}; expected some of {sorted(known)}")
             return cls(**config)
-        raise TypeError(f"rpe_config: expected an RPEConfig, a dict or None, got {type(config).__name__}")
+        raise TypeError(f"rpe_config: expected an RPEConfig, a dict, a preset name or None, got {type(config).__name__}")
+
+
+# The earlier relative position encodings as the iRPE paper compares them (Tab. 5; supplementary,
+# section 4): the 1D methods of Shaw et al., Transformer-XL and Huang et al. adapted to 2D by the
+# product method with the clip function h(x) in place of g(x), one table shared by all heads; SASA's
+# 2D encoding (row and column offsets, each its own table) on keys. ratio 1.9 (h clips offsets at
+# +-int(3.8) = 3) gives the 7 x 7 + 1 = 50 buckets of the iRPE product models; ratio 6.5 (clip at 13)
+# gives SASA every offset of a 14 x 14 grid. docs/rpe_presets.md says what each one keeps and drops.
+RPE_PRESETS: dict[str, RPEConfig] = {
+    "shaw": RPEConfig("product", "ctx", 1.9, "kv", index="clip"),
+    "transformer_xl": RPEConfig("product", "ctx", 1.9, "k", index="clip"),
+    "huang": RPEConfig("product", "ctx", 1.9, "qk", index="clip"),
+    "sasa": RPEConfig("cross", "ctx", 6.5, "k", index="clip"),
+}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -162,8 +162,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: IRPEVisionT
     """
     state_dict = state_dict.get("model", state_dict)
     if "pos_embed" in state_dict:
+        embedded_prefix = 0 if model.no_embed_class else model.num_prefix_tokens  # DeiT III: patch slots only
         old_grid = checkpoint_grid(
-            state_dict["pos_embed"], model.num_prefix_tokens, model, state_dict.get("patch_embed.proj.weight")
+            state_dict["pos_embed"], embedded_prefix, model, state_dict.get("patch_embed.proj.weight")
         )
     else:  # no absolute position embedding (pos_embed='none')
         old_grid = pretrained_grid(model)
