@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import flex
+
 __all__ = [
     "RPEConfig",
     "piecewise_index",
@@ -486,8 +488,12 @@ class RPEAttention(nn.Module):
     Query/key terms enter ``scaled_dot_product_attention`` as an additive float mask, so the fused
     kernels apply on CUDA and in CPU inference. CPU training (eager) recomputes the attention in
     backward instead of saving it (``_RecomputedAttention``), so RPE costs almost no memory.
-    ``reference = True`` switches every term to the plain per-pair formulas (for tests).
+    ``reference = True`` switches every term to the plain per-pair formulas (for tests). Layers
+    without RPE on values use FlexAttention on CUDA, and in CPU inference when
+    ``cpu_flex_inference`` is set (``finetune.backbones.flex``).
     """
+
+    cpu_flex_inference = False
 
     def __init__(
         self,
@@ -569,22 +575,26 @@ class RPEAttention(nn.Module):
         return logits if bias is None else logits.add_(bias)
 
     def _path(self, q: Tensor) -> str:
-        """How this call computes attention: ``sdpa``, ``recompute`` or ``explicit``.
+        """How this call computes attention: ``flex``, ``sdpa``, ``recompute`` or ``explicit``.
 
         The value term needs the attention weights and the reference path is explicit by design.
         On the CPU, SDPA has no fused backward for a float mask that needs a gradient (it falls back
         to its math kernel, slower than an explicit softmax), so eager CPU training recomputes the
-        attention in backward; compiled graphs leave memory planning to the compiler.
+        attention in backward; compiled graphs leave memory planning to the compiler. Eager CPU
+        inference with a value term takes the same per-image loop (forward only), so no batch-sized
+        n x n tensor is built there either.
         """
         has_qk_rpe = self.rpe_q is not None or self.rpe_k is not None
         training_grad = torch.is_grad_enabled() and q.requires_grad
         if self.reference:
             return "explicit"
+        if self.rpe_v is None and has_qk_rpe and flex.usable(self, q, training_grad):
+            return "flex"
         if self.rpe_v is None and (q.is_cuda or not has_qk_rpe or not training_grad):
             return "sdpa"
         no_dropout = self.attn_drop.p == 0 or not self.training
         eager_full_precision_cpu = not (q.is_cuda or q.dtype in (torch.float16, torch.bfloat16) or torch.compiler.is_compiling())
-        if training_grad and no_dropout and eager_full_precision_cpu:
+        if no_dropout and eager_full_precision_cpu:
             return "recompute"
         return "explicit"
 
@@ -603,7 +613,9 @@ class RPEAttention(nn.Module):
         if path == "recompute":
             qk_tables, v_tables = self.rpe_tables()
             return self.proj_drop(self.proj(_RecomputedAttention.apply(self, grid, qkv, *qk_tables, *v_tables)))
-        if path == "sdpa":
+        if path == "flex":
+            out = flex.attend(q, k, v, flex.rpe_score_mod(self, q, k, grid), self.scale)
+        elif path == "sdpa":
             bias = self._logit_bias(q, k, grid)
             dropout = self.attn_drop.p if self.training else 0.0
             mask = None if bias is None else bias.to(q.dtype)
