@@ -20,10 +20,14 @@ small CPU), which pays off for long inference runs, not for a quick evaluation.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import flex_attention
+
+if TYPE_CHECKING:
+    from .irpe import RPEAttention
 
 __all__ = ["ScoreMod", "attend", "rpe_score_mod", "prior_score_mod", "usable", "set_cpu_inference"]
 
@@ -63,22 +67,21 @@ def set_cpu_inference(model: nn.Module, enabled: bool = True) -> int:
 
 
 def _bucket_term(per_bucket: Tensor, ids: Tensor, reversed_offset: bool) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """One iRPE logit term as a function of (b, h, i, j): ``per_bucket`` is (B, H or 1, n, K)
-    (contextual) or (H or 1, K) (bias), ``ids`` the (n, n) bucket ids; on queries the term of (i, j)
-    is the key's row at the reversed offset."""
-    shared = per_bucket.shape[-3 if per_bucket.dim() == 4 else 0] == 1
+    """One iRPE logit term as a function of (b, h, i, j): ``per_bucket`` is (B, H, n, K)
+    (contextual) or the (H or 1, K) table (bias), ``ids`` the (n, n) bucket ids; on queries the term
+    of (i, j) is the key's row at the reversed offset."""
+    shared_table = per_bucket.dim() == 2 and per_bucket.shape[0] == 1
 
     def term(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
         row, col = (j, i) if reversed_offset else (i, j)
-        head = 0 if shared else h
         if per_bucket.dim() == 2:
-            return per_bucket[head, ids[row, col]]
-        return per_bucket[b, head, row, ids[row, col]]
+            return per_bucket[0 if shared_table else h, ids[row, col]]
+        return per_bucket[b, h, row, ids[row, col]]
 
     return term
 
 
-def rpe_score_mod(layer: nn.Module, q: Tensor, k: Tensor, grid: tuple[int, int]) -> ScoreMod:
+def rpe_score_mod(layer: RPEAttention, q: Tensor, k: Tensor, grid: tuple[int, int]) -> ScoreMod:
     """The score_mod adding every query/key iRPE term of an ``RPEAttention`` layer to the scaled
     content logit, for (B, H, n, d) queries and keys on a ``grid`` of patches."""
     qk_leaves, _ = layer.rpe_leaves()
