@@ -201,6 +201,8 @@ def run_child(spec: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--models", nargs="+", metavar="LABEL", default=None,
+                        help="only these rows of the suite (the baseline, its first row, is always kept)")
     parser.add_argument("--batch-size", type=int, default=16, help="training batch")
     parser.add_argument("--infer-batch-sizes", type=int, nargs="*", default=[1, 32], help="inference batches")
     parser.add_argument("--depth", type=int, default=None, help="override the depth (quick runs)")
@@ -219,6 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     bf16 = device.type == "cuda"
     for suite in SUITES if args.suite == "all" else [args.suite]:
         variants = [v for v in SUITES[suite]() if not (args.no_reference and v.reference)]
+        if args.models is not None:
+            unknown = sorted(set(args.models) - {v.label for v in variants})
+            if unknown:
+                parser.error(f"--models {unknown}: not rows of suite {suite!r}; expected some of {[v.label for v in variants]}")
+            variants = variants[:1] + [v for v in variants[1:] if v.label in args.models]
         run_suite(suite, variants, args, device, bf16)
 
 
