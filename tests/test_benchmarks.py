@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import benchmarks.__main__ as runner
 import benchmarks.common
 from benchmarks import attention_profile
 from benchmarks.backbones import Target, target_table
+from benchmarks.common import round_ratios
 
 
 def test_target_table_checks_named_rows_and_the_worst_fast_path_row():
@@ -49,3 +51,17 @@ def test_attention_profile_writes_each_op_per_layer(tmp_path: Path, monkeypatch:
     for op in ("aten::gather", "aten::scatter_add_"):
         assert float(rows[op][timm]) == 0 and float(rows[op][key]) > 0 and float(rows[op][qkv]) > float(rows[op][key])
     assert float(rows["wall time per step (unprofiled)"][key]) > 0
+
+
+def test_round_ratios_pair_each_round_and_report_median_and_spread():
+    # per-round ratios 0.5, 1.0 and 2.0: a slow round of one candidate moves the spread, not the median
+    assert round_ratios([1.0, 2.0, 1.0], [2.0, 2.0, 0.5]) == (1.0, 0.5, 2.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without a GPU")
+def test_cuda_benchmarks_are_skipped_and_say_so_without_a_gpu(tmp_path: Path):
+    assert runner.main(["--only", "irpe_cuda", "spvit_cuda", "--out", str(tmp_path)]) == 0
+    summary = (tmp_path / "README.md").read_text()
+    assert "- run now: irpe_cuda (skipped), spvit_cuda (skipped)" in summary
+    assert "## irpe_cuda (not run: no CUDA device on this machine)" in summary
+    assert "--suite irpe_cuda --device cuda --batch-size 128" in summary

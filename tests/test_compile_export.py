@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import finetune  # noqa: F401  (registers the models)
+from finetune.backbones import flex
 
 TINY = dict(embed_dim=64, num_heads=2, img_size=32)
 IRPE_CONFIGS = [
@@ -235,3 +236,18 @@ def test_fx_feature_extraction_traces_forward_and_backward(name):
     if name == "spvit":  # the size check survives tracing
         with pytest.raises(ValueError, match="give a 5x5 patch grid"):
             traced(images(size=80))
+
+
+@pytest.mark.slow
+def test_compiled_flex_attention_in_cpu_inference_matches_the_default_paths():
+    """FlexAttention's generated CPU kernel (compiled on first use) through the layers' own path
+    selection, for iRPE on q and k and for SP-SA: the same outputs as the SDPA / per-image paths."""
+    for model in (irpe_model(dict(method="product", mode="ctx", rpe_on="qk")), spvit_model()):
+        x = images()
+        with torch.no_grad():
+            expected = model(x)
+            assert flex.set_cpu_inference(model) >= 1
+            with torch.profiler.profile() as prof:
+                got = model(x)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert any("Compiled" in event.name for event in prof.events()), "the compiled FlexAttention kernel did not run"

@@ -10,6 +10,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 import finetune  # noqa: F401  (registers the models)
+from finetune.backbones import flex
 from finetune.backbones.checkpoint import CheckpointMismatchError
 from finetune.backbones.irpe import (
     ImageRPE,
@@ -234,6 +235,40 @@ def test_fast_path_equals_reference_forward_and_backward(method, mode, on, share
         torch.testing.assert_close(fast64[1], ref64[1], atol=1e-10, rtol=1e-10)
         for name in fast64[2]:
             torch.testing.assert_close(fast64[2][name], ref64[2][name], atol=1e-9, rtol=1e-9, msg=name)
+
+
+# every method, mode and q/k placement once; shared tables on half the methods, per-head on the others
+FLEX_CASES = [(m, mode, on, m in ("euc", "cross")) for m, mode, on, shared in CASES if "v" not in on and shared]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize(("method", "mode", "on", "shared"), FLEX_CASES)
+def test_flex_score_mod_equals_reference_attention(method, mode, on, shared):
+    """FlexAttention with the layer's score_mod (its unfused eager form: same maths as the compiled
+    kernel, no compile) gives the reference output on a non-square grid (product: also without skip)."""
+    for grid, skip in [((5, 4), 1), ((3, 6), 0)][: 2 if method == "product" else 1]:
+        config = RPEConfig(method=method, mode=mode, ratio=RATIOS[method], rpe_on=on, shared_head=shared, skip=skip)
+        attn = _randomised_attention(config).eval()
+        batch, num_tokens = 2, skip + grid[0] * grid[1]
+        x = torch.randn(batch, num_tokens, 16)
+        attn.reference = True
+        with torch.no_grad():
+            expected = attn(x, grid)
+            q, k, v = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            out = flex.attend(q, k, v, flex.rpe_score_mod(attn, q, k, grid), attn.scale, compiled=False)
+            got = attn.proj(out.transpose(1, 2).reshape(batch, num_tokens, 16))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_is_used_on_cpu_only_for_inference_and_when_asked():
+    attn = _randomised_attention(RPEConfig(rpe_on="k"))
+    q = torch.randn(1, 2, 5, 8)
+    assert not flex.usable(attn.eval(), q, training_grad=False)  # off by default on the CPU
+    assert flex.set_cpu_inference(torch.nn.Sequential(attn, torch.nn.Linear(2, 2))) == 1
+    assert flex.usable(attn, q, training_grad=False)
+    assert not flex.usable(attn.train(), q, training_grad=True)  # no CPU backward
+    attn.attn_drop.p = 0.1
+    assert flex.usable(attn.eval(), q, training_grad=False) and not flex.usable(attn.train(), q, training_grad=False)
 
 
 @pytest.mark.parametrize("method", ["euc", "quant", "cross_rows", "product"])

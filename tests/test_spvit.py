@@ -13,6 +13,7 @@ from timm.layers.attention import Attention
 from timm.optim import param_groups_layer_decay
 
 import finetune  # noqa: F401  (registers the models)
+from finetune.backbones import flex
 from finetune.backbones.checkpoint import CheckpointMismatchError
 from finetune.backbones.spvit import SPSAttention, SPViT, offset_table
 
@@ -47,7 +48,7 @@ def direct_prior(attn: SPSAttention, height: int, width: int, offset_scale=(1.0,
     pos = [(r, c) for r in range(height) for c in range(width)]
     offsets = torch.tensor(
         [[(cj - ci) * offset_scale[0], (rj - ri) * offset_scale[1]] for ri, ci in pos for rj, cj in pos],
-        dtype=torch.float32,
+        dtype=attn.w1.weight.dtype,
     )  # (n*n, 2) as (dx, dy)
     hidden = F.relu(offsets @ attn.w1.weight.T + attn.w1.bias)  # (n*n, dim)
     heads, head_dim = attn.num_heads, attn.head_dim
@@ -133,6 +134,44 @@ def test_spsa_forward_matches_its_definition_with_random_prior(grid):
     randomize_prior_(sp)
     x = torch.randn(2, grid[0] * grid[1], 24)
     torch.testing.assert_close(sp(x, grid), reference_spsa(sp, x, *grid), atol=1e-5, rtol=1e-5)
+
+
+def test_spsa_training_recomputes_weights_with_the_gradients_of_its_definition():
+    """Eager CPU training saves no n x n tensor (the weights are recomputed in backward): its output
+    and every gradient equal autograd through the definition, compared in float64."""
+    torch.manual_seed(0)
+    sp = SPSAttention(24, num_heads=3).double()
+    randomize_prior_(sp)
+    x = torch.randn(2, 15, 24, dtype=torch.float64)
+    upstream = torch.randn(2, 15, 24, dtype=torch.float64)
+    results = []
+    for forward in (lambda inp: sp(inp, (3, 5)), lambda inp: reference_spsa(sp, inp, 3, 5)):
+        sp.zero_grad()
+        inp = x.clone().requires_grad_(True)
+        out = forward(inp)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), inp.grad, {name: p.grad.clone() for name, p in sp.named_parameters()}))
+    (out, grad_x, grads), (ref_out, ref_grad_x, ref_grads) = results
+    assert out.grad_fn is None and grads["w2"].abs().sum() > 0
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad_x, ref_grad_x, atol=1e-12, rtol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-12, rtol=1e-12, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_score_mod_multiplies_the_logits_by_the_prior():
+    torch.manual_seed(0)
+    sp = SPSAttention(24, num_heads=3)
+    randomize_prior_(sp)
+    x = torch.randn(2, 15, 24)
+    with torch.no_grad():
+        q, k = sp.qk(x).reshape(2, 15, 2, 3, 8).permute(2, 0, 3, 1, 4)
+        v = sp.v(x).reshape(2, 15, 3, 8).transpose(1, 2)
+        prior = sp.spatial_prior((3, 5)) * sp.scale
+        out = flex.attend(q, k, v, flex.prior_score_mod(prior), scale=1.0, compiled=False)
+        got = sp.proj(out.transpose(1, 2).reshape(2, 15, 24))
+        torch.testing.assert_close(got, reference_spsa(sp, x, 3, 5), atol=1e-5, rtol=1e-5)
 
 
 def test_prior_mlp_runs_once_per_forward_on_distinct_offsets_only():

@@ -25,6 +25,8 @@ from timm.layers import register_notrace_module
 from timm.layers.attention import resolve_self_attn_mask
 from torch import Tensor, nn
 
+from . import flex
+
 __all__ = [
     "RPEConfig",
     "RPE_PRESETS",
@@ -596,8 +598,12 @@ class RPEAttention(nn.Module):
     Query/key terms enter ``scaled_dot_product_attention`` as an additive float mask, so the fused
     kernels apply on CUDA and in CPU inference. CPU training (eager) recomputes the attention in
     backward instead of saving it (``_RecomputedAttention``), so RPE costs almost no memory.
-    ``reference = True`` switches every term to the plain per-pair formulas (for tests).
+    ``reference = True`` switches every term to the plain per-pair formulas (for tests). Layers
+    without RPE on values use FlexAttention on CUDA, and in CPU inference when
+    ``cpu_flex_inference`` is set (``finetune.backbones.flex``).
     """
+
+    cpu_flex_inference = False
 
     def __init__(
         self,
@@ -700,22 +706,26 @@ class RPEAttention(nn.Module):
         return logits if bias is None else logits.add_(bias)
 
     def _path(self, q: Tensor, masked: bool) -> str:
-        """How this call computes attention: ``sdpa``, ``recompute`` or ``explicit``.
+        """How this call computes attention: ``flex``, ``sdpa``, ``recompute`` or ``explicit``.
 
         The value term needs the attention weights and the reference path is explicit by design.
         On the CPU, SDPA has no fused backward for a float mask that needs a gradient (it falls back
         to its math kernel, slower than an explicit softmax), so eager CPU training recomputes the
-        attention in backward; compiled graphs leave memory planning to the compiler.
+        attention in backward; compiled graphs leave memory planning to the compiler. Eager CPU
+        inference with a value term takes the same per-image loop (forward only), so no batch-sized
+        n x n tensor is built there either.
         """
         has_qk_rpe = self.rpe_q is not None or self.rpe_k is not None
         training_grad = torch.is_grad_enabled() and q.requires_grad
         if self.reference:
             return "explicit"
+        if self.rpe_v is None and has_qk_rpe and not masked and flex.usable(self, q, training_grad):
+            return "flex"
         if self.rpe_v is None and (q.is_cuda or not has_qk_rpe or not training_grad):
             return "sdpa"
         no_dropout = self.attn_drop.p == 0 or not self.training
         eager_full_precision_cpu = not (q.is_cuda or q.dtype in (torch.float16, torch.bfloat16) or torch.compiler.is_compiling())
-        if training_grad and no_dropout and eager_full_precision_cpu and not masked:
+        if no_dropout and eager_full_precision_cpu and not masked:
             return "recompute"
         return "explicit"
 
@@ -754,6 +764,9 @@ class RPEAttention(nn.Module):
             specs = tuple((table.on, table.mode) for table in tables)
             ids = [table.bucket_ids(*grid, x.device) for table in tables]
             out = _RecomputedAttention.apply(qkv, self.scale, specs, *[t.table for t in tables], *ids)
+        elif path == "flex":
+            out = flex.attend(q, k, v, flex.rpe_score_mod(self, q, k, grid), self.scale)
+            out = out.transpose(1, 2).reshape(batch, num_tokens, self.attn_dim)
         else:
             bias = self._logit_bias(q, k, grid)
             if mask is not None:

@@ -48,7 +48,9 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
 from ..resize import PRIOR_RESIZE_STRATEGIES, prior_offset_scale
+from . import flex
 from .checkpoint import check_state_dict
+from .recompute import prior_attention
 
 __all__ = ["SPViT", "SPSAttention", "SPViTBlock", "ConvStem", "offset_table", "checkpoint_filter_fn"]
 
@@ -91,7 +93,13 @@ class SPSAttention(nn.Module):
     on the (2h-1)(2w-1) distinct offsets and gathers it to n x n. ``offset_scale`` (x, y) multiplies
     the raw offsets before the MLP: 1 as released; the model passes trained/current grid under
     ``prior_resize='scale'`` (``finetune.resize.prior_offset_scale``).
+
+    On CUDA (and in CPU inference when ``cpu_flex_inference`` is set) the prior multiplies the logits
+    inside FlexAttention (``finetune.backbones.flex``); eager CPU training recomputes the weights in
+    backward (``finetune.backbones.recompute``): neither keeps an n x n tensor per image.
     """
+
+    cpu_flex_inference = False
 
     def __init__(
         self,
@@ -158,14 +166,22 @@ class SPSAttention(nn.Module):
                 f"SPSAttention: {num_tokens} tokens do not match the {grid_size[0]}x{grid_size[1]} patch grid "
                 "(SP-SA layers see patch tokens only)"
             )
-        q, k = self.qk(x).reshape(batch, num_tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        v = self.v(x).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        qk = self.qk(x).reshape(batch, num_tokens, 2, self.num_heads, self.head_dim)
+        v_heads = self.v(x).reshape(batch, num_tokens, self.num_heads, self.head_dim)
+        q, k = qk.permute(2, 0, 3, 1, 4)
+        v = v_heads.transpose(1, 2)
         # The scale folds into the (heads, n, n) prior, so the batch-sized logits see one multiply.
         prior = (self.spatial_prior(grid_size, offset_scale) * self.scale).to(q.dtype)
+        training_grad = torch.is_grad_enabled() and q.requires_grad
+        eager_cpu = x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        if flex.usable(self, q, training_grad):
+            out = flex.attend(q, k, v, flex.prior_score_mod(prior), scale=1.0)
+        elif eager_cpu and training_grad and (self.attn_drop.p == 0 or not self.training):
+            return self.proj_drop(self.proj(prior_attention(qk, v_heads, prior)))
         # A batch's n x n logits overflow CPU caches; image by image they stay cache-resident (about
         # twice as fast here, and no copies of q, k, v). Accelerators take the whole batch at once, and
         # so do compiled / exported graphs (splitting the batch would fix their batch size).
-        if x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        elif eager_cpu:
             images = zip(q.split(1), k.split(1), v.split(1), strict=True)
             out = torch.cat([self._attend(qc, kc, vc, prior) for qc, kc, vc in images])
         else:
