@@ -1,6 +1,6 @@
 """Run every benchmark of the project and write one summary.
 
-    python -m benchmarks                       # all, full size (CPU unless CUDA is present)
+    python -m benchmarks                       # all, full size: the CPU suites, and the CUDA ones where a GPU is present
     python -m benchmarks --quick               # a smoke run: small depth, batches and budgets
     python -m benchmarks --only irpe compile   # a subset
 
