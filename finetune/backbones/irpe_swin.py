@@ -74,8 +74,8 @@ class WindowRPEAttention(nn.Module):
         """Rebuild the bucket ids for another window (the tables' size does not depend on it)."""
         self.window_size = to_2tuple(window_size)
         for rpe in (self.rpe_q, self.rpe_k, self.rpe_v):
-            for leaf in () if rpe is None else rpe.leaves:
-                leaf.set_grid_size(self.window_size)
+            for table in () if rpe is None else rpe.tables:
+                table.set_grid_size(self.window_size)
 
     def init_non_persistent_buffers(self) -> None:
         """Recompute the bucket-id buffers (timm calls this after building on the meta device)."""
