@@ -1,6 +1,6 @@
 """Run every benchmark of the project and write one summary.
 
-    python -m benchmarks                       # all, full size (CPU unless CUDA is present)
+    python -m benchmarks                       # all, full size: the CPU suites, and the CUDA ones where a GPU is present
     python -m benchmarks --quick               # a smoke run: small depth, batches and budgets
     python -m benchmarks --only irpe compile   # a subset
 
@@ -45,18 +45,25 @@ class Benchmark:
     quick_argv: list[str] = field(default_factory=list)
     device_flag: str | None = None
     out_flag: str | None = None
+    needs_cuda: bool = False  # runs only where a CUDA device is present
 
 
 # --no-memory: a tiny model's resident-set growth is mostly noise.
 _BACKBONES_QUICK = ["--depth", "3", "--batch-size", "2", "--infer-batch-sizes", "1", "4", "--rounds", "1", "--infer-rounds", "1",
                     "--no-reference", "--no-memory"]
+# The iRPE paper's Fig. 10 setting: bf16, batch 128, against DeiT-S with fused attention.
+_BACKBONES_CUDA = ["--device", "cuda", "--batch-size", "128", "--infer-batch-sizes", "128", "--rounds", "10"]
 BENCHMARKS = [
     Benchmark("irpe", "benchmarks.backbones", "backbones_irpe",
-              ["--suite", "irpe", "--infer-batch-sizes", "1", "32", "128"],
-              ["--suite", "irpe", *_BACKBONES_QUICK], device_flag="--device"),
+              ["--suite", "irpe", "--device", "cpu", "--infer-batch-sizes", "1", "32", "128"],
+              ["--suite", "irpe", "--device", "cpu", *_BACKBONES_QUICK]),
     Benchmark("spvit", "benchmarks.backbones", "backbones_spvit",
-              ["--suite", "spvit", "--infer-batch-sizes", "1", "32", "128"],
-              ["--suite", "spvit", *_BACKBONES_QUICK], device_flag="--device"),
+              ["--suite", "spvit", "--device", "cpu", "--infer-batch-sizes", "1", "32", "128"],
+              ["--suite", "spvit", "--device", "cpu", *_BACKBONES_QUICK]),
+    Benchmark("irpe_cuda", "benchmarks.backbones", "backbones_irpe_cuda", ["--suite", "irpe_cuda", *_BACKBONES_CUDA],
+              ["--suite", "irpe_cuda", *_BACKBONES_CUDA[:2], "--depth", "3", "--rounds", "2"], needs_cuda=True),
+    Benchmark("spvit_cuda", "benchmarks.backbones", "backbones_spvit_cuda", ["--suite", "spvit_cuda", *_BACKBONES_CUDA],
+              ["--suite", "spvit_cuda", *_BACKBONES_CUDA[:2], "--depth", "3", "--rounds", "2"], needs_cuda=True),
     # depth 4: compiling the full-depth training graph takes longer than the rest of the run on 2 CPU cores;
     # the speedup is per block
     Benchmark("compile", "benchmarks.compile", "compile", ["--depth", "4"],
@@ -71,7 +78,8 @@ BENCHMARKS = [
     Benchmark("training_loop", "benchmarks.training_loop", "training_loop", [],
               ["--rounds", "1", "--epochs", "1", "--settings", "defaults"]),
 ]
-GROUPS = {"backbones": ["irpe", "spvit"]}
+GROUPS = {"backbones": ["irpe", "spvit", "irpe_cuda", "spvit_cuda"]}
+SKIPPED_NO_CUDA = "skipped: no CUDA device"
 
 
 def available() -> list[Benchmark]:
@@ -129,8 +137,12 @@ def run(benchmark: Benchmark, argv: list[str], out: Path) -> Outcome:
 def section(benchmark: Benchmark, outcome: Outcome | None, out: Path) -> str:
     """The README section of one benchmark: its command, its table (NAME.md, else NAME.csv) and its plot."""
     stem = out / benchmark.result
-    if outcome is None:
-        parts = [f"## {benchmark.name} (from an earlier run)", f"`python -m {benchmark.module}`"]
+    if outcome is None or outcome.status == SKIPPED_NO_CUDA:
+        why = "not run: no CUDA device on this machine" if outcome else "from an earlier run"
+        if outcome and not any(out.glob(f"{benchmark.result}.*")):
+            return f"## {benchmark.name} ({why})\n\n`{outcome.command}` runs where a GPU is present; nothing measured yet."
+        parts = [f"## {benchmark.name} ({why}{'; results from an earlier run' if outcome else ''})",
+                 f"`python -m {benchmark.module}`"]
     else:
         failed = "" if outcome.status == "ok" else f" (FAILED this run: {outcome.status})"
         parts = [f"## {benchmark.name}{failed}", f"`{outcome.command}` ({outcome.seconds:.0f} s)"]
@@ -149,7 +161,8 @@ def section(benchmark: Benchmark, outcome: Outcome | None, out: Path) -> str:
 
 def write_summary(outcomes: dict[str, Outcome], quick: bool, out: Path) -> Path:
     env = environment()
-    run_now = ", ".join(f"{name} ({'ok' if o.status == 'ok' else 'FAILED'})" for name, o in outcomes.items())
+    run_now = ", ".join(f"{name} ({'ok' if o.status == 'ok' else 'skipped' if o.status == SKIPPED_NO_CUDA else 'FAILED'})"
+                        for name, o in outcomes.items())
     lines = [
         "# Benchmark results",
         "",
@@ -205,13 +218,19 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {m for n in args.only for m in GROUPS.get(n, [n])}
         selected = [n for n in names if n in wanted]
 
-    outcomes = {
-        b.name: run(b, command_line(b, args.quick, args.device, out), out) for b in benchmarks if b.name in selected
-    }
+    outcomes = {}
+    for b in benchmarks:
+        if b.name not in selected:
+            continue
+        argv = command_line(b, args.quick, args.device, out)
+        if b.needs_cuda and not torch.cuda.is_available():
+            outcomes[b.name] = Outcome(" ".join(["python -m", b.module, *argv]), SKIPPED_NO_CUDA, 0.0)
+        else:
+            outcomes[b.name] = run(b, argv, out)
     summary = write_summary(outcomes, args.quick, out)
     if out == RESULTS_DIR:
         update_readme(summary)
-    failed = [name for name, outcome in outcomes.items() if outcome.status != "ok"]
+    failed = [name for name, outcome in outcomes.items() if outcome.status not in ("ok", SKIPPED_NO_CUDA)]
     print(f"\nwrote {summary}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

@@ -32,7 +32,7 @@ DIM, HEADS, GRID = 384, 6, 14  # DeiT-S at 224
 def layers() -> dict[str, torch.nn.Module]:
     def irpe(rpe_on: str) -> RPEAttention:
         config = dict(method="product", ratio=1.9, mode="ctx", rpe_on=rpe_on, shared_head=True)
-        return RPEAttention(DIM, HEADS, qkv_bias=True, rpe_config=config)
+        return RPEAttention(DIM, HEADS, qkv_bias=True, rpe_config=config, grid_size=(GRID, GRID))
 
     built = {"timm Attention (fused SDPA)": Attention(DIM, HEADS, qkv_bias=True), "irpe ctx K shared": irpe("k"),
              "irpe ctx QKV shared": irpe("qkv")}

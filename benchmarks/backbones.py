@@ -2,16 +2,21 @@
 
 Suites:
 - ``irpe``: timm's DeiT-S without RPE beside iRPE-DeiT-S (product, 50 buckets) with bias and
-  contextual RPE on K, QK, QKV, shared and per-head, on the fast path and on the plain reference path.
+  contextual RPE on K, QK, QKV, shared and per-head, on the fast path and on the plain reference path,
+  and contextual K with FlexAttention in CPU inference (inference columns only).
 - ``spvit``: SP-ViT-S beside the same LV-ViT body with plain attention (sp_layers=0).
+- ``irpe_cuda`` / ``spvit_cuda``: the rows of the iRPE paper's Fig. 10 on a GPU (bf16, batch 128):
+  DeiT-S with fused SDPA beside iRPE-DeiT-S contextual K and QKV; SP-ViT-S beside its plain body.
 
     python -m benchmarks.backbones --suite irpe --batch-size 16
+    python -m benchmarks.backbones --suite irpe_cuda --device cuda --batch-size 128 --infer-batch-sizes 128
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +25,15 @@ import torch
 import torch.nn.functional as F
 
 import finetune  # noqa: F401  (registers the models)
-from benchmarks.common import child_peak_mb, peak_memory_mb, rss_peak_mb, time_interleaved, write_results
+from benchmarks.common import (
+    child_peak_mb,
+    peak_memory_mb,
+    round_ratios,
+    rss_peak_mb,
+    time_interleaved,
+    write_results,
+)
+from finetune.backbones import flex
 
 
 @dataclass(frozen=True)
@@ -36,9 +49,13 @@ class Target:
 
     def measured(self, rows: list[dict[str, Any]]) -> float | None:
         if self.row is not None:
-            return next((r[self.column] for r in rows if r["model"] == self.row and self.column in r), None)
-        values = [r[self.column] for r in rows if "(reference)" not in r["model"] and self.column in r]
+            return next((r[self.column] for r in rows if r["model"] == self.row and _number(r.get(self.column))), None)
+        values = [r[self.column] for r in rows if "(reference)" not in r["model"] and _number(r.get(self.column))]
         return (min if self.at_least else max)(values) if values else None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 TARGETS = {
@@ -50,8 +67,23 @@ TARGETS = {
         Target("issue 2", "irpe ctx K shared", "train ratio", 0.92),
         Target("issue 2", "irpe ctx QKV shared", "train ratio", 0.75),
         Target("issue 2", None, "train memory ratio", 1.10, at_least=False),
+        Target("issue 17", "irpe ctx K shared", "train ratio", 0.95),
+        Target("issue 17", "irpe ctx QKV shared", "train ratio", 0.85),
+        Target("issue 17", None, "train memory ratio", 1.05, at_least=False),
+        Target("issue 17", "irpe ctx QKV shared", "infer memory ratio", 1.02, at_least=False),
     ],
-    "spvit": [Target("issue 3", "spvit_small (sp_layers=14)", "train ratio", 0.90)],
+    "spvit": [
+        Target("issue 3", "spvit_small (sp_layers=14)", "train ratio", 0.90),
+        Target("issue 17", "spvit_small (sp_layers=14)", "train memory ratio", 1.05, at_least=False),
+    ],
+    "irpe_cuda": [
+        Target("issue 17", "irpe ctx K shared", "train ratio", 0.95),
+        Target("issue 17", "irpe ctx K shared", "train memory ratio", 1.05, at_least=False),
+    ],
+    "spvit_cuda": [
+        Target("issue 17", "spvit_small (sp_layers=14)", "train ratio", 0.95),
+        Target("issue 17", "spvit_small (sp_layers=14)", "train memory ratio", 1.05, at_least=False),
+    ],
 }
 
 
@@ -76,6 +108,13 @@ class Variant:
     model: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     reference: bool = False
+    flex_inference: bool = False  # FlexAttention in CPU inference; timed for inference only
+
+
+def _irpe_variant(mode: str, on: str, shared: bool = True, reference: bool = False) -> Variant:
+    rpe = dict(method="product", ratio=1.9, mode=mode, rpe_on=on, shared_head=shared)
+    label = f"irpe {mode} {on.upper()} {'shared' if shared else 'per-head'}" + (" (reference)" if reference else "")
+    return Variant(label, "irpe_deit_small_patch16_224", {"rpe_config": rpe}, reference)
 
 
 def irpe_variants() -> list[Variant]:
@@ -83,11 +122,9 @@ def irpe_variants() -> list[Variant]:
     for reference in (False, True):
         for shared in (True, False):
             for mode, placements in (("bias", ("k", "qk")), ("ctx", ("k", "qk", "qkv"))):
-                for on in placements:
-                    rpe = dict(method="product", ratio=1.9, mode=mode, rpe_on=on, shared_head=shared)
-                    label = f"irpe {mode} {on.upper()} {'shared' if shared else 'per-head'}"
-                    label += " (reference)" if reference else ""
-                    variants.append(Variant(label, "irpe_deit_small_patch16_224", {"rpe_config": rpe}, reference))
+                variants += [_irpe_variant(mode, on, shared, reference) for on in placements]
+    flex_k = _irpe_variant("ctx", "k")
+    variants.append(Variant(f"{flex_k.label} (flex inference)", flex_k.model, flex_k.kwargs, flex_inference=True))
     return variants
 
 
@@ -95,10 +132,19 @@ def spvit_variants() -> list[Variant]:
     return [
         Variant("lvvit body, plain attention (sp_layers=0)", "spvit_small_patch16_224", {"sp_layers": 0}),
         Variant("spvit_small (sp_layers=14)", "spvit_small_patch16_224"),
+        Variant("spvit_small (sp_layers=14) (flex inference)", "spvit_small_patch16_224", flex_inference=True),
     ]
 
 
-SUITES = {"irpe": irpe_variants, "spvit": spvit_variants}
+def irpe_cuda_variants() -> list[Variant]:
+    return [Variant("deit_small (no RPE)", "deit_small_patch16_224"), _irpe_variant("ctx", "k"), _irpe_variant("ctx", "qkv")]
+
+
+def spvit_cuda_variants() -> list[Variant]:
+    return spvit_variants()[:2]
+
+
+SUITES = {"irpe": irpe_variants, "spvit": spvit_variants, "irpe_cuda": irpe_cuda_variants, "spvit_cuda": spvit_cuda_variants}
 
 
 def build(variant: Variant, device: torch.device, depth: int | None) -> torch.nn.Module:
@@ -113,6 +159,7 @@ def build(variant: Variant, device: torch.device, depth: int | None) -> torch.nn
         for module in model.modules():
             if hasattr(module, "reference"):
                 module.reference = True
+    flex.set_cpu_inference(model, variant.flex_inference)
     return model
 
 
@@ -154,11 +201,13 @@ def run_child(spec: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--models", nargs="+", metavar="LABEL", default=None,
+                        help="only these rows of the suite (the baseline, its first row, is always kept)")
     parser.add_argument("--batch-size", type=int, default=16, help="training batch")
     parser.add_argument("--infer-batch-sizes", type=int, nargs="*", default=[1, 32], help="inference batches")
     parser.add_argument("--depth", type=int, default=None, help="override the depth (quick runs)")
-    parser.add_argument("--rounds", type=int, default=10, help="training rounds (best single call is kept)")
-    parser.add_argument("--infer-rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10, help="training rounds (ratios: median over rounds)")
+    parser.add_argument("--infer-rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-path rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child runs")
@@ -172,15 +221,21 @@ def main(argv: list[str] | None = None) -> None:
     bf16 = device.type == "cuda"
     for suite in SUITES if args.suite == "all" else [args.suite]:
         variants = [v for v in SUITES[suite]() if not (args.no_reference and v.reference)]
+        if args.models is not None:
+            unknown = sorted(set(args.models) - {v.label for v in variants})
+            if unknown:
+                parser.error(f"--models {unknown}: not rows of suite {suite!r}; expected some of {[v.label for v in variants]}")
+            variants = variants[:1] + [v for v in variants[1:] if v.label in args.models]
         run_suite(suite, variants, args, device, bf16)
 
 
 def run_suite(suite: str, variants: list[Variant], args: argparse.Namespace, device: torch.device, bf16: bool) -> None:
     models = {v.label: build(v, device, args.depth) for v in variants}
+    flex_rows = {v.label for v in variants if v.flex_inference}
     images, labels = _batch(args.batch_size, device)
-    # single calls, best of many rounds: a burst of load elsewhere then spoils one round, not the minimum
+    # single calls, interleaved rounds: a burst of load elsewhere slows one round of every candidate
     train = time_interleaved(
-        {label: (lambda m=m: train_step(m, images, labels, bf16)) for label, m in models.items()},
+        {label: (lambda m=m: train_step(m, images, labels, bf16)) for label, m in models.items() if label not in flex_rows},
         device, args.rounds, calls=1,
     )
     infer = {}
@@ -198,41 +253,52 @@ def run_suite(suite: str, variants: list[Variant], args: argparse.Namespace, dev
     for variant in variants:
         label = variant.label
         row: dict[str, Any] = {"model": label}
-        row["train img/s"] = args.batch_size / train[label]
-        row["train ratio"] = train[baseline] / train[label]
-        for batch_size, times in infer.items():
-            row[f"infer b{batch_size} img/s"] = batch_size / times[label]
-            row[f"infer b{batch_size} ratio"] = times[baseline] / times[label]
+        timings = [("train", args.batch_size, train)] + [(f"infer b{b}", b, times) for b, times in infer.items()]
+        for name, batch_size, times in timings:
+            if label not in times:  # flex rows: inference only
+                row.update({f"{name} img/s": "", f"{name} ratio": "", f"{name} spread": ""})
+                continue
+            ratio, low, high = round_ratios(times[baseline], times[label])
+            row[f"{name} img/s"] = batch_size / statistics.median(times[label])
+            row[f"{name} ratio"] = ratio
+            row[f"{name} spread"] = f"{low:.3f}-{high:.3f}"
         if not args.no_memory:
+            # a flex row's process also compiles the kernel: its resident set is not the model's
             spec = dict(variant=variant.__dict__, device=str(device), depth=args.depth, bf16=bf16)
-            row["train peak MiB"] = peak_memory_mb("benchmarks.backbones", {**spec, "mode": "train", "batch_size": args.batch_size})
-            row[f"infer b{infer_memory_batch} peak MiB"] = peak_memory_mb(
+            train_mb = "" if variant.flex_inference else peak_memory_mb(
+                "benchmarks.backbones", {**spec, "mode": "train", "batch_size": args.batch_size}
+            )
+            infer_mb = "" if variant.flex_inference and device.type == "cpu" else peak_memory_mb(
                 "benchmarks.backbones", {**spec, "mode": "infer", "batch_size": infer_memory_batch}
             )
+            row["train peak MiB"], row[f"infer b{infer_memory_batch} peak MiB"] = train_mb, infer_mb
         rows.append(row)
     if not args.no_memory:
         for row in rows:
             for column, ratio in (("train peak MiB", "train memory ratio"), (f"infer b{infer_memory_batch} peak MiB", "infer memory ratio")):
                 baseline_mb = rows[0][column]
-                row[ratio] = row[column] / baseline_mb if baseline_mb > 0 else float("nan")
+                row[ratio] = "" if row[column] == "" else row[column] / baseline_mb if baseline_mb > 0 else float("nan")
     for row in rows:  # the fast path against the plain reference path of the same configuration
         reference = next((r for r in rows if r["model"] == f"{row['model']} (reference)"), None)
         row["fast / reference training"] = row["train img/s"] / reference["train img/s"] if reference else ""
 
     def plot(ax: Any) -> None:
-        labels = [r["model"] for r in rows]
-        ax.barh(labels, [r["train ratio"] for r in rows], color="tab:blue", label="training throughput ratio")
+        trained = [r for r in rows if _number(r["train ratio"])]
+        labels = [r["model"] for r in trained]
+        ax.barh(labels, [r["train ratio"] for r in trained], color="tab:blue", label="training throughput ratio (median)")
         for bound in sorted({t.bound for t in TARGETS.get(suite, []) if t.column == "train ratio"}):
             ax.axvline(bound, ls="--", color="tab:red", lw=1)
         ax.invert_yaxis()
         ax.set_xlabel(f"training images/s relative to {baseline} (batch {args.batch_size}, {device.type})")
-        ax.set_xlim(0, max(1.1, max(r["train ratio"] for r in rows) + 0.05))
+        ax.set_xlim(0, max(1.1, max(r["train ratio"] for r in trained) + 0.05))
         ax.legend(loc="lower right")
 
     notes = (
         f"Training = forward+backward at batch {args.batch_size}{', bf16 autocast' if bf16 else ', float32'}; "
-        f"ratios to `{baseline}` in the same run (best single call of {args.rounds} interleaved rounds, "
-        f"inference {args.infer_rounds}). "
+        f"ratios to `{baseline}` in the same run: the median over {args.rounds} interleaved rounds (inference "
+        f"{args.infer_rounds}) of the round's ratio, `spread` the lowest and highest round; img/s from the median "
+        "round. `(flex inference)` rows: FlexAttention's compiled kernel in inference (compiled in the warm-up call), "
+        "not timed in training. "
         + ("Peak memory: growth of the resident set of a fresh process over two steps, from before the model was built, "
            "with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so it follows the live tensors."
            if device.type == "cpu" else "Peak memory: torch.cuda.max_memory_allocated in a fresh process.")

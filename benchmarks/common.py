@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks: interleaved timing, peak memory in a child process, result files.
 
-Speed is compared as ratios inside one run: candidates are timed in interleaved rounds and the best
-round of each is kept, so a noisy machine slows every candidate alike.
+Speed is compared as ratios inside one run: candidates are timed in interleaved rounds, so a noisy
+machine slows every candidate of a round alike; a ratio is the median over rounds of the round's
+ratio, reported with the lowest and highest round as its spread.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -42,11 +44,11 @@ def synchronize(device: torch.device) -> None:
 
 def time_interleaved(
     candidates: dict[str, Callable[[], Any]], device: torch.device, rounds: int = 3, calls: int = 2
-) -> dict[str, float]:
-    """Best seconds per call of each candidate, over ``rounds`` interleaved rounds of ``calls`` calls."""
-    for run in candidates.values():  # warm-up: caches, allocator, lazy init
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate in each of ``rounds`` interleaved rounds of ``calls`` calls."""
+    for run in candidates.values():  # warm-up: caches, allocator, lazy init, compilation
         run()
-    best = {name: float("inf") for name in candidates}
+    times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, run in candidates.items():
             synchronize(device)
@@ -54,8 +56,14 @@ def time_interleaved(
             for _ in range(calls):
                 run()
             synchronize(device)
-            best[name] = min(best[name], (time.perf_counter() - start) / calls)
-    return best
+            times[name].append((time.perf_counter() - start) / calls)
+    return times
+
+
+def round_ratios(baseline: list[float], candidate: list[float]) -> tuple[float, float, float]:
+    """Median, lowest and highest over rounds of baseline time / candidate time in the same round."""
+    ratios = [b / c for b, c in zip(baseline, candidate, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def peak_memory_mb(module: str, spec: dict[str, Any]) -> float:

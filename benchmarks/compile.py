@@ -14,6 +14,7 @@ Writes benchmarks/results/compile.{csv,md,png}.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks.backbones import Variant, _batch, build, infer_step, train_step
-from benchmarks.common import synchronize, time_interleaved, write_results
+from benchmarks.common import round_ratios, synchronize, time_interleaved, write_results
 
 VARIANTS = [
     Variant("deit_small (no RPE)", "deit_small_patch16_224"),
@@ -66,9 +67,9 @@ def measure(variant: Variant, args: argparse.Namespace, device: torch.device, bf
             {
                 "model": variant.label,
                 "step": step_name,
-                "eager img/s": batch / times["eager"],
-                "compiled img/s": batch / times["compiled"],
-                "speedup": times["eager"] / times["compiled"],
+                "eager img/s": batch / statistics.median(times["eager"]),
+                "compiled img/s": batch / statistics.median(times["compiled"]),
+                "speedup": round_ratios(times["eager"], times["compiled"])[0],
                 "first compiled call s": compile_s,
                 "graphs": graphs,
             }
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     depth = f"depth {args.depth}" if args.depth else "full depth"
     notes = (
         f"torch.compile(backend={args.backend!r}, mode={args.mode!r}) against eager, {depth}, "
-        f"{'bf16 autocast' if bf16 else 'float32'}; best of {args.rounds} interleaved rounds. "
+        f"{'bf16 autocast' if bf16 else 'float32'}; medians of {args.rounds} interleaved rounds. "
         "`first compiled call s` includes compilation; `graphs` is the number of FX graphs Dynamo makes of the "
         "forward (1: no graph break)."
     )

@@ -43,6 +43,7 @@ __all__ = [
     "resize_rpe_table",
     "set_rpe_config",
     "convert_rpe_tables",
+    "resize_rpe_model",
     "prior_offset_scale",
     "resolution_args",
 ]
@@ -256,6 +257,56 @@ def set_rpe_config(model: nn.Module, config: RPEConfig) -> None:
                 module.set_grid_size(module.grid_size)
 
 
+def _resized_tables(
+    tables: dict[str, Tensor], model: nn.Module, config: RPEConfig, new_config: RPEConfig, old_grid: Grid, new_grid: Grid
+) -> dict[str, Tensor]:
+    """``tables`` (state-dict keys of ``model``'s iRPE tables, others passed through) resampled from
+    ``config`` on ``old_grid`` to ``new_config`` on ``new_grid``."""
+    tables = dict(tables)
+    for name, module in model.named_modules():
+        if isinstance(module, ImageRPE):
+            key = f"{name}.{_table_name(module)}"
+            if key in tables:
+                tables[key] = resize_rpe_table(
+                    tables[key], module.method, _bucket_dim(module), config, new_config, old_grid, new_grid
+                )
+    return tables
+
+
+def _config_for_grid(config: RPEConfig, old_grid: Grid, new_grid: Grid) -> tuple[RPEConfig, str]:
+    """The config of tables trained on ``old_grid`` serving ``new_grid`` under ``config.resize``, and
+    a few words saying what that does (for the log)."""
+    new_config = replace(config, trained_grid=config.trained_grid or old_grid)
+    if config.resize == "interpolate":
+        new_config = interpolated_config(new_config, old_grid, new_grid)
+        return new_config, f"interpolated (ratio {config.ratio:g} -> {new_config.ratio:g})"
+    if config.resize == "scale":
+        rows, cols = new_config.trained_grid
+        return new_config, f"kept (scale: offsets in units of the {rows}x{cols} grid)"
+    return new_config, "kept (keep: buckets recomputed from raw offsets)"
+
+
+def resize_rpe_model(model: nn.Module, old_grid: Grid, new_grid: Grid) -> None:
+    """Move a built iRPE model's tables from ``old_grid`` to ``new_grid`` by its ``rpe_config.resize``
+    (what ``set_input_size`` needs): ``scale`` records ``old_grid`` as ``trained_grid``,
+    ``interpolate`` resamples the tables; the model's recorded arguments follow."""
+    config: RPEConfig = model.rpe_config
+    if old_grid == new_grid:
+        return
+    new_config, how = _config_for_grid(config, old_grid, new_grid)
+    tables = {name: p.detach() for name, p in model.named_parameters() if ".rpe_" in name}
+    if config.resize == "interpolate":
+        tables = _resized_tables(tables, model, config, new_config, old_grid, new_grid)
+    set_rpe_config(model, new_config)
+    if config.resize == "interpolate":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in tables:
+                    param.copy_(tables[name])
+    update_model_args(model, rpe_config=new_config.to_dict())
+    _logger.info("model grid %dx%d -> %dx%d: %s iRPE tables %s", *old_grid, *new_grid, config.method, how)
+
+
 def convert_rpe_tables(state_dict: dict[str, Tensor], model: nn.Module, old_grid: Grid) -> dict[str, Tensor]:
     """Move the iRPE tables of ``state_dict`` (from a ``old_grid`` checkpoint) to ``model``'s grid.
 
@@ -267,22 +318,9 @@ def convert_rpe_tables(state_dict: dict[str, Tensor], model: nn.Module, old_grid
     config: RPEConfig = model.rpe_config
     if old_grid == new_grid:
         return state_dict
-    new_config = replace(config, trained_grid=config.trained_grid or old_grid)
-    how = {
-        "keep": "kept (keep: buckets recomputed from raw offsets)",
-        "scale": f"kept (scale: offsets in units of the {new_config.trained_grid[0]}x{new_config.trained_grid[1]} grid)",
-    }.get(config.resize)
+    new_config, how = _config_for_grid(config, old_grid, new_grid)
     if config.resize == "interpolate":
-        new_config = interpolated_config(new_config, old_grid, new_grid)
-        state_dict = dict(state_dict)
-        for name, module in model.named_modules():
-            if isinstance(module, ImageRPE):
-                key = f"{name}.{_table_name(module)}"
-                if key in state_dict:
-                    state_dict[key] = resize_rpe_table(
-                        state_dict[key], module.method, _bucket_dim(module), config, new_config, old_grid, new_grid
-                    )
-        how = f"interpolated (ratio {config.ratio:g} -> {new_config.ratio:g})"
+        state_dict = _resized_tables(state_dict, model, config, new_config, old_grid, new_grid)
     set_rpe_config(model, new_config)
     update_model_args(model, rpe_config=new_config.to_dict())  # for save_for_hf (kwargs given to create_model win)
     _logger.info(

@@ -127,3 +127,17 @@ class RaiseOutOfMemory(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: object, batch_idx: int) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def timm_checkpoint_file(model_name: str, path: Path, seed: int = 0, **kwargs: object) -> tuple[torch.nn.Module, Path]:
+    """A timm model (eval mode) with random weights, none zero, and its state dict written to ``path``:
+    what a pretrained timm checkpoint looks like, without a download."""
+    import timm
+
+    model = timm.create_model(model_name, **kwargs).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    torch.save(model.state_dict(), path)
+    return model, path

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+import benchmarks.__main__ as runner
 import benchmarks.common
 from benchmarks import attention_profile
 from benchmarks.backbones import Target, target_table
+from benchmarks.common import round_ratios
 from benchmarks.data_pipeline import format_datasets, imagenet_like_samples, index_bytes, make_jpegs
 from datamodules import SampleArray, load_rgb
 
@@ -79,3 +81,17 @@ def test_index_bytes_of_both_layouts():
     samples = imagenet_like_samples(2000)
     assert len({s.label for s in samples}) == 1000 and samples[-1].path.endswith("n00000999_1.JPEG")
     assert 0 < index_bytes(SampleArray(samples)) < index_bytes(samples)
+
+
+def test_round_ratios_pair_each_round_and_report_median_and_spread():
+    # per-round ratios 0.5, 1.0 and 2.0: a slow round of one candidate moves the spread, not the median
+    assert round_ratios([1.0, 2.0, 1.0], [2.0, 2.0, 0.5]) == (1.0, 0.5, 2.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without a GPU")
+def test_cuda_benchmarks_are_skipped_and_say_so_without_a_gpu(tmp_path: Path):
+    assert runner.main(["--only", "irpe_cuda", "spvit_cuda", "--out", str(tmp_path)]) == 0
+    summary = (tmp_path / "README.md").read_text()
+    assert "- run now: irpe_cuda (skipped), spvit_cuda (skipped)" in summary
+    assert "## irpe_cuda (not run: no CUDA device on this machine)" in summary
+    assert "--suite irpe_cuda --device cuda --batch-size 128" in summary

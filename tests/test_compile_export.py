@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import finetune  # noqa: F401  (registers the models)
+from finetune.backbones import flex
 
 TINY = dict(embed_dim=64, num_heads=2, img_size=32)
 IRPE_CONFIGS = [
@@ -209,3 +210,44 @@ def test_inductor_compile_matches_eager():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["irpe", "spvit"])
+def test_fx_feature_extraction_traces_forward_and_backward(name):
+    """timm's FX path (torchvision's feature extractor with timm's leaf modules and wrapped functions),
+    as timm's own test_model_forward_fx / backward_fx run it."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = irpe_model(dict(method="cross", mode="ctx", rpe_on="qkv")) if name == "irpe" else spvit_model()
+    tracer_kwargs = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True
+    )
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    traced = create_feature_extractor(
+        model, train_return_nodes=train_nodes[-1:], eval_return_nodes=eval_nodes[-1:], tracer_kwargs=tracer_kwargs
+    )
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(next(iter(traced(x).values())), model(x))
+    traced.train()
+    next(iter(traced(x).values())).mean().backward()
+    assert all(param.grad is not None for param in traced.parameters())
+    if name == "spvit":  # the size check survives tracing
+        with pytest.raises(ValueError, match="give a 5x5 patch grid"):
+            traced(images(size=80))
+
+
+@pytest.mark.slow
+def test_compiled_flex_attention_in_cpu_inference_matches_the_default_paths():
+    """FlexAttention's generated CPU kernel (compiled on first use) through the layers' own path
+    selection, for iRPE on q and k and for SP-SA: the same outputs as the SDPA / per-image paths."""
+    for model in (irpe_model(dict(method="product", mode="ctx", rpe_on="qk")), spvit_model()):
+        x = images()
+        with torch.no_grad():
+            expected = model(x)
+            assert flex.set_cpu_inference(model) >= 1
+            with torch.profiler.profile() as prof:
+                got = model(x)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert any("Compiled" in event.name for event in prof.events()), "the compiled FlexAttention kernel did not run"

@@ -10,6 +10,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 import finetune  # noqa: F401  (registers the models)
+from finetune.backbones import flex
 from finetune.backbones.checkpoint import CheckpointMismatchError
 from finetune.backbones.irpe import (
     ImageRPE,
@@ -236,6 +237,40 @@ def test_fast_path_equals_reference_forward_and_backward(method, mode, on, share
             torch.testing.assert_close(fast64[2][name], ref64[2][name], atol=1e-9, rtol=1e-9, msg=name)
 
 
+# every method, mode and q/k placement once; shared tables on half the methods, per-head on the others
+FLEX_CASES = [(m, mode, on, m in ("euc", "cross")) for m, mode, on, shared in CASES if "v" not in on and shared]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize(("method", "mode", "on", "shared"), FLEX_CASES)
+def test_flex_score_mod_equals_reference_attention(method, mode, on, shared):
+    """FlexAttention with the layer's score_mod (its unfused eager form: same maths as the compiled
+    kernel, no compile) gives the reference output on a non-square grid (product: also without skip)."""
+    for grid, skip in [((5, 4), 1), ((3, 6), 0)][: 2 if method == "product" else 1]:
+        config = RPEConfig(method=method, mode=mode, ratio=RATIOS[method], rpe_on=on, shared_head=shared, skip=skip)
+        attn = _randomised_attention(config).eval()
+        batch, num_tokens = 2, skip + grid[0] * grid[1]
+        x = torch.randn(batch, num_tokens, 16)
+        attn.reference = True
+        with torch.no_grad():
+            expected = attn(x, grid)
+            q, k, v = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            out = flex.attend(q, k, v, flex.rpe_score_mod(attn, q, k, grid), attn.scale, compiled=False)
+            got = attn.proj(out.transpose(1, 2).reshape(batch, num_tokens, 16))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_is_used_on_cpu_only_for_inference_and_when_asked():
+    attn = _randomised_attention(RPEConfig(rpe_on="k"))
+    q = torch.randn(1, 2, 5, 8)
+    assert not flex.usable(attn.eval(), q, training_grad=False)  # off by default on the CPU
+    assert flex.set_cpu_inference(torch.nn.Sequential(attn, torch.nn.Linear(2, 2))) == 1
+    assert flex.usable(attn, q, training_grad=False)
+    assert not flex.usable(attn.train(), q, training_grad=True)  # no CPU backward
+    attn.attn_drop.p = 0.1
+    assert flex.usable(attn.eval(), q, training_grad=False) and not flex.usable(attn.train(), q, training_grad=False)
+
+
 @pytest.mark.parametrize("method", ["euc", "quant", "cross_rows", "product"])
 def test_bucket_sums_is_the_adjoint_of_pairs(method):
     """<pairs(P), G> == <P, bucket_sums(G)>: the backward pass relies on it for every table."""
@@ -266,6 +301,8 @@ def test_token_count_must_match_grid_and_skip():
     attn = RPEAttention(16, 2, rpe_config=RPEConfig(skip=1))
     with pytest.raises(ValueError, match="do not match a 4x5 grid with 1 leading token"):
         attn(torch.randn(1, 20, 16), (4, 5))
+    with pytest.raises(ValueError, match="no patch grid; pass grid_size"):  # no square guess
+        attn(torch.randn(1, 17, 16))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,3 +467,113 @@ def test_other_grid_ids_are_reused_across_eager_calls_and_serve_training_after_i
     per_bucket = torch.randn(1, 2, ids.shape[0], rpe.num_buckets, requires_grad=True)
     rpe.pairs(per_bucket, 4, 5).sum().backward()  # the gather saves the ids for backward
     assert per_bucket.grad is not None
+
+
+def test_official_checkpoint_loads_with_one_input_channel(tmp_path):
+    """timm's adapt_input_conv sums the RGB kernels after the filter's checks."""
+    name = "deit_tiny_patch16_224_ctx_product_50_shared_k"
+    path = tmp_path / f"{name}.pth"
+    source = _write_official_checkpoint(path, name, depth=1)
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), depth=1, in_chans=1)
+    torch.testing.assert_close(loaded.patch_embed.proj.weight.data, source.patch_embed.proj.weight.sum(1, keepdim=True))
+    assert torch.equal(loaded.blocks[0].attn.rpe_k.lookup_table_weight, source.blocks[0].attn.rpe_k.lookup_table_weight)
+    assert loaded.eval()(torch.randn(1, 1, 224, 224)).shape == (1, 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm's habits: attn_layer arguments, features, sizes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_timm_attention_arguments_reach_the_rpe_attention():
+    model = timm.create_model(
+        "irpe_deit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, qk_norm=True, proj_bias=False,
+        scale_attn_norm=True, rpe_config=dict(rpe_on="qkv"),
+    )
+    attn = model.blocks[0].attn
+    assert isinstance(attn, RPEAttention) and attn.rpe_v is not None
+    assert isinstance(attn.q_norm, torch.nn.LayerNorm) and isinstance(attn.k_norm, torch.nn.LayerNorm)
+    assert isinstance(attn.norm, torch.nn.LayerNorm) and attn.proj.bias is None
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()  # the CPU training path (recomputed attention) with normalised q and k
+    assert attn.q_norm.weight.grad is not None and attn.rpe_v.lookup_table_weight.grad is not None
+    with pytest.raises(ValueError, match="attn_layer=.* cannot be set"):
+        timm.create_model("irpe_deit_tiny_patch16_224", depth=1, attn_layer="attn")
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_qk_norm_normalises_queries_and_keys_on_every_path(reference):
+    """Fast (recomputed) and reference training paths agree with qk_norm, gating and scale_norm on."""
+    torch.manual_seed(0)
+    config = RPEConfig(rpe_on="qkv")
+    attn = RPEAttention(16, 2, qkv_bias=True, qk_norm=True, scale_norm=True, gated=True,
+                        norm_layer=torch.nn.LayerNorm, rpe_config=config, grid_size=(3, 4))
+    with torch.no_grad():
+        for table in attn.rpe_modules():
+            table.table.normal_(std=0.5)
+    x = torch.randn(2, 13, 16, requires_grad=True)
+    attn.reference = reference
+    out = attn(x)
+    out.sum().backward()
+    attn.reference = True
+    with torch.no_grad():
+        expected = attn(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="qk_norm=True or scale_norm=True needs norm_layer"):
+        RPEAttention(16, 2, qk_norm=True)
+
+
+def test_rpe_attention_layer_plugs_into_timms_own_vision_transformer():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from finetune.backbones.irpe import rpe_attention_layer
+
+    layer = rpe_attention_layer(dict(method="cross", mode="bias", ratio=2, rpe_on="qk"), grid_size=(4, 3))
+    model = VisionTransformer(img_size=(32, 24), patch_size=8, embed_dim=32, depth=1, num_heads=2, attn_layer=layer)
+    attn = model.blocks[0].attn
+    assert isinstance(attn, RPEAttention) and attn.grid_size == (4, 3) and attn.rpe_config.method == "cross"
+    model(torch.randn(2, 3, 32, 24)).sum().backward()
+    assert attn.rpe_k.rp_rows.lookup_table_bias.grad is not None
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_forward_intermediates_and_features_only_on_a_non_square_input(dynamic):
+    """256x192 (a 16x12 grid): every path passes the grid to the blocks (no square guess)."""
+    kwargs = dict(depth=2, rpe_config=dict(rpe_on="qk"))
+    kwargs.update(dict(img_size=224, dynamic_img_size=True) if dynamic else dict(img_size=(256, 192)))
+    model = timm.create_model("irpe_deit_tiny_patch16_224", **kwargs).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lookup_table" in name:
+                param.normal_(std=0.5)
+    x = torch.randn(1, 3, 256, 192)
+    final, maps = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert [m.shape for m in maps] == [(1, 192, 16, 12)] * 2
+    features = timm.create_model("irpe_deit_tiny_patch16_224", features_only=True, out_indices=(0, 1), **kwargs).eval()
+    assert features.model.load_state_dict(model.state_dict(), strict=False).missing_keys == []  # pruned: no norm, head
+    for got, expected in zip(features(x), maps, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("resize", ["keep", "scale", "interpolate"])
+def test_set_input_size_follows_rpe_config_resize(tmp_path, resize):
+    """set_input_size gives the model that loading its weights at the new size builds."""
+    name = "irpe_deit_tiny_patch16_224"
+    rpe = dict(method="product", ratio=3.0 if resize == "interpolate" else 1.9, resize=resize)
+    source = timm.create_model(name, depth=1, img_size=64, rpe_config=rpe).eval()
+    with torch.no_grad():
+        for param in source.parameters():
+            param.normal_(std=0.02)
+    path = tmp_path / "w.pth"
+    torch.save({"model": source.state_dict()}, path)
+    loaded = timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), input_size=(3, 64, 64)),
+        depth=1, img_size=96, rpe_config=rpe,
+    ).eval()
+    source.set_input_size((96, 96))
+    assert source.rpe_config == loaded.rpe_config and source.rpe_config.trained_grid == (4, 4)
+    assert torch.equal(source.blocks[0].attn.rpe_k.bucket_index, loaded.blocks[0].attn.rpe_k.bucket_index)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(source(x), loaded(x))

@@ -13,6 +13,7 @@ from timm.layers.attention import Attention
 from timm.optim import param_groups_layer_decay
 
 import finetune  # noqa: F401  (registers the models)
+from finetune.backbones import flex
 from finetune.backbones.checkpoint import CheckpointMismatchError
 from finetune.backbones.spvit import SPSAttention, SPViT, offset_table
 
@@ -47,7 +48,7 @@ def direct_prior(attn: SPSAttention, height: int, width: int, offset_scale=(1.0,
     pos = [(r, c) for r in range(height) for c in range(width)]
     offsets = torch.tensor(
         [[(cj - ci) * offset_scale[0], (rj - ri) * offset_scale[1]] for ri, ci in pos for rj, cj in pos],
-        dtype=torch.float32,
+        dtype=attn.w1.weight.dtype,
     )  # (n*n, 2) as (dx, dy)
     hidden = F.relu(offsets @ attn.w1.weight.T + attn.w1.bias)  # (n*n, dim)
     heads, head_dim = attn.num_heads, attn.head_dim
@@ -135,6 +136,44 @@ def test_spsa_forward_matches_its_definition_with_random_prior(grid):
     torch.testing.assert_close(sp(x, grid), reference_spsa(sp, x, *grid), atol=1e-5, rtol=1e-5)
 
 
+def test_spsa_training_recomputes_weights_with_the_gradients_of_its_definition():
+    """Eager CPU training saves no n x n tensor (the weights are recomputed in backward): its output
+    and every gradient equal autograd through the definition, compared in float64."""
+    torch.manual_seed(0)
+    sp = SPSAttention(24, num_heads=3).double()
+    randomize_prior_(sp)
+    x = torch.randn(2, 15, 24, dtype=torch.float64)
+    upstream = torch.randn(2, 15, 24, dtype=torch.float64)
+    results = []
+    for forward in (lambda inp: sp(inp, (3, 5)), lambda inp: reference_spsa(sp, inp, 3, 5)):
+        sp.zero_grad()
+        inp = x.clone().requires_grad_(True)
+        out = forward(inp)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), inp.grad, {name: p.grad.clone() for name, p in sp.named_parameters()}))
+    (out, grad_x, grads), (ref_out, ref_grad_x, ref_grads) = results
+    assert out.grad_fn is None and grads["w2"].abs().sum() > 0
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad_x, ref_grad_x, atol=1e-12, rtol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-12, rtol=1e-12, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_score_mod_multiplies_the_logits_by_the_prior():
+    torch.manual_seed(0)
+    sp = SPSAttention(24, num_heads=3)
+    randomize_prior_(sp)
+    x = torch.randn(2, 15, 24)
+    with torch.no_grad():
+        q, k = sp.qk(x).reshape(2, 15, 2, 3, 8).permute(2, 0, 3, 1, 4)
+        v = sp.v(x).reshape(2, 15, 3, 8).transpose(1, 2)
+        prior = sp.spatial_prior((3, 5)) * sp.scale
+        out = flex.attend(q, k, v, flex.prior_score_mod(prior), scale=1.0, compiled=False)
+        got = sp.proj(out.transpose(1, 2).reshape(2, 15, 24))
+        torch.testing.assert_close(got, reference_spsa(sp, x, 3, 5), atol=1e-5, rtol=1e-5)
+
+
 def test_prior_mlp_runs_once_per_forward_on_distinct_offsets_only():
     model = small_model(img_size=(48, 80)).eval()  # a 3x5 grid
     calls = []
@@ -200,8 +239,8 @@ def test_bad_sp_layers_and_image_size_give_clear_errors():
     model = small_model()
     with pytest.raises(ValueError, match=r"give a 5x5 patch grid.*img_size=\(80, 80\)"):
         model(torch.randn(1, 3, 80, 80))
-    with pytest.raises(ValueError, match=r"global_pool='avg'"):
-        model.reset_classifier(3, global_pool="avg")
+    with pytest.raises(ValueError, match=r"global_pool='max': SP-ViT pools with one of 'token', 'avg', ''"):
+        model.reset_classifier(3, global_pool="max")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,3 +533,88 @@ def test_use_ema_false_without_a_checkpoint_source_is_a_clear_error():
         ValueError, match=r"use_ema=False needs a checkpoint file or url.*spvit_small_patch16_224"
     ):
         timm.create_model("spvit_small_patch16_224", pretrained=True, use_ema=False, **SMALL)
+
+
+def test_release_checkpoint_loads_with_one_input_channel(tmp_path, release_weights):
+    """timm's adapt_input_conv sums the RGB kernels of the stem after the filter's checks."""
+    raw, _ = release_weights
+    path = tmp_path / "model_best.pth.tar"
+    save_release_checkpoint(path, raw)
+    model = load_release_file(path, in_chans=1)
+    torch.testing.assert_close(model.patch_embed.conv1.weight.data, raw["patch_embed.conv1.weight"].sum(1, keepdim=True))
+    assert_loaded(model, raw, skip={"patch_embed.conv1.weight"})
+    assert model.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# The timm feature and sizing API
+# ---------------------------------------------------------------------------------------------
+
+
+def test_forward_intermediates_match_forward_features_and_give_patch_maps():
+    model = randomize_(small_model(depth=3, sp_layers=2, img_size=(64, 48))).eval()
+    x = torch.randn(2, 3, 64, 48)
+    final, maps = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert [m.shape for m in maps] == [(2, 32, 4, 3)] * 3
+    pairs = model.forward_intermediates(x, indices=[1, 2], output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True)
+    (before, no_cls), (after, cls) = pairs
+    assert before.shape == after.shape == (2, 12, 32)
+    assert no_cls.shape == (2, 0, 32) and cls.shape == (2, 1, 32)  # the class token joins before block sp_layers
+    model.set_grad_checkpointing(True)
+    torch.testing.assert_close(model.forward_intermediates(x)[0], final)
+
+
+@pytest.mark.parametrize("img_size", [(256, 192), 64])
+def test_features_only_on_non_square_and_dynamic_inputs(img_size):
+    dynamic = img_size == 64
+    model = small_model(img_size=img_size, features_only=True, out_indices=(0, 1), dynamic_img_size=dynamic).eval()
+    assert model.feature_info.channels() == [32, 32] and model.feature_info.reduction() == [16, 16]
+    assert [f.shape for f in model(torch.randn(1, 3, 256, 192))] == [(1, 32, 16, 12)] * 2
+
+
+def test_prune_intermediate_layers_keeps_the_taken_blocks():
+    model = randomize_(small_model(depth=3, sp_layers=2)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    expected = model.forward_intermediates(x, indices=[0], intermediates_only=True)
+    assert model.prune_intermediate_layers([0]) == [0]
+    assert len(model.blocks) == 1 and model.num_classes == 0 and model.global_pool == ""
+    torch.testing.assert_close(model.forward_intermediates(x, indices=[0], intermediates_only=True), expected)
+
+
+def test_global_pool_and_reset_classifier_pooling():
+    model = randomize_(small_model(num_classes=5)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    tokens = model.forward_features(x)
+    aux = 0.5 * model.aux_head(tokens[:, 1:]).amax(dim=1)
+    torch.testing.assert_close(model(x), model.head(tokens[:, 0]) + aux)
+    model.reset_classifier(5, "avg")
+    tokens = model.forward_features(x)
+    torch.testing.assert_close(model(x), model.head(tokens[:, 1:].mean(1)) + 0.5 * model.aux_head(tokens[:, 1:]).amax(1))
+    model.reset_classifier(0, "")
+    torch.testing.assert_close(model(x), tokens)
+    assert small_model(global_pool="avg", num_classes=0).eval()(x).shape == (2, 32)
+
+
+def test_dynamic_img_size_resamples_pos_embed_and_builds_offsets_for_the_input_grid():
+    model = randomize_(small_model(dynamic_img_size=True)).eval()
+    fixed = randomize_(small_model(img_size=(80, 48))).eval()
+    expected = resample_abs_pos_embed(model.pos_embed.data, new_size=(5, 3), old_size=(4, 4), num_prefix_tokens=0)
+    fixed.load_state_dict({**model.state_dict(), "pos_embed": expected})
+    x = torch.randn(1, 3, 80, 48)
+    torch.testing.assert_close(model(x), fixed(x))
+
+
+def test_set_input_size_resamples_pos_embed_rebuilds_offsets_and_records_the_trained_grid():
+    model = randomize_(small_model(prior_resize="scale")).eval()
+    pos_embed = model.pos_embed.data.clone()
+    model.set_input_size((96, 64))
+    assert model.patch_embed.grid_size == (6, 4) and model.trained_grid == (4, 4)
+    torch.testing.assert_close(
+        model.pos_embed.data, resample_abs_pos_embed(pos_embed, new_size=(6, 4), old_size=(4, 4), num_prefix_tokens=0)
+    )
+    assert model.blocks[0].attn.grid_size == (6, 4)
+    assert timm.models.get_model_args(model)["trained_grid"] == [4, 4]
+    assert model(torch.randn(1, 3, 96, 64)).shape == (1, 1000)
+    with pytest.raises(ValueError, match="fixed patch size"):
+        model.set_input_size(patch_size=8)

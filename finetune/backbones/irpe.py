@@ -16,14 +16,20 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
+from functools import partialmethod
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
+from timm.layers.attention import resolve_self_attn_mask
 from torch import Tensor, nn
+
+from . import flex
 
 __all__ = [
     "RPEConfig",
+    "RPE_PRESETS",
     "piecewise_index",
     "clip_index",
     "num_buckets",
@@ -31,7 +37,12 @@ __all__ = [
     "ImageRPE",
     "CrossImageRPE",
     "build_rpe",
+    "spread_over_pairs",
+    "sum_per_bucket",
+    "logit_term",
+    "value_term",
     "RPEAttention",
+    "rpe_attention_layer",
 ]
 
 METHODS = ("euc", "quant", "cross", "product")
@@ -116,19 +127,38 @@ class RPEConfig:
         return asdict(self)
 
     @classmethod
-    def from_any(cls, config: RPEConfig | dict[str, Any] | None) -> RPEConfig:
-        """Accept a config, a plain dict (from YAML or a Hub config.json) or None (the official default)."""
+    def from_any(cls, config: RPEConfig | dict[str, Any] | str | None) -> RPEConfig:
+        """Accept a config, a plain dict (from YAML or a Hub config.json), a name of ``RPE_PRESETS`` or
+        None (the official default)."""
         if config is None:
             return cls()
         if isinstance(config, cls):
             return config
+        if isinstance(config, str):
+            if config not in RPE_PRESETS:
+                raise ValueError(f"rpe_config={config!r}: expected a dict or a preset name, one of {', '.join(RPE_PRESETS)}")
+            return RPE_PRESETS[config]
         if isinstance(config, dict):
             known = {f.name for f in fields(cls)}
             unknown = sorted(set(config) - known)
             if unknown:
                 raise ValueError(f"rpe_config: unknown key(s) {unknown}; expected some of {sorted(known)}")
             return cls(**config)
-        raise TypeError(f"rpe_config: expected an RPEConfig, a dict or None, got {type(config).__name__}")
+        raise TypeError(f"rpe_config: expected an RPEConfig, a dict, a preset name or None, got {type(config).__name__}")
+
+
+# The earlier relative position encodings as the iRPE paper compares them (Tab. 5; supplementary,
+# section 4): the 1D methods of Shaw et al., Transformer-XL and Huang et al. adapted to 2D by the
+# product method with the clip function h(x) in place of g(x), one table shared by all heads; SASA's
+# 2D encoding (row and column offsets, each its own table) on keys. ratio 1.9 (h clips offsets at
+# +-int(3.8) = 3) gives the 7 x 7 + 1 = 50 buckets of the iRPE product models; ratio 6.5 (clip at 13)
+# gives SASA every offset of a 14 x 14 grid. docs/rpe_presets.md says what each one keeps and drops.
+RPE_PRESETS: dict[str, RPEConfig] = {
+    "shaw": RPEConfig("product", "ctx", 1.9, "kv", index="clip"),
+    "transformer_xl": RPEConfig("product", "ctx", 1.9, "k", index="clip"),
+    "huang": RPEConfig("product", "ctx", 1.9, "qk", index="clip"),
+    "sasa": RPEConfig("cross", "ctx", 6.5, "k", index="clip"),
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,6 +248,70 @@ def bucket_ids(
 
 
 # --------------------------------------------------------------------------------------------------
+# Per-table terms: plain functions of tensors (the modules and the autograd function share them)
+# --------------------------------------------------------------------------------------------------
+
+
+def spread_over_pairs(per_bucket: Tensor, ids: Tensor) -> Tensor:
+    """Per-row bucket values (..., n, K) spread over the pairs: out[..., i, j] = per_bucket[..., i, ids[i, j]]."""
+    return per_bucket.gather(-1, ids.expand(per_bucket.shape[:-1] + ids.shape[-1:]))
+
+
+def sum_per_bucket(per_pair: Tensor, ids: Tensor, num_buckets: int) -> Tensor:
+    """Per-pair values (..., n, n) summed per bucket of each row, (..., n, K): the adjoint of
+    ``spread_over_pairs``."""
+    out = per_pair.new_zeros(per_pair.shape[:-1] + (num_buckets,))
+    return out.scatter_add_(-1, ids.expand(per_pair.shape), per_pair)
+
+
+def logit_term(x: Tensor, table: Tensor, ids: Tensor, mode: str, on: str, scale: float) -> Tensor:
+    """The logit term of one q/k table, (..., H, n, n) in the logits' orientation.
+
+    ``x`` is (..., H, n, d): the queries for a table on keys, the keys for a table on queries;
+    ``scale`` is the attention scale the released code applies to them first. Both placements compute
+    term[i, j] = x_i . r_{b(i, j)} (contextual; the table entry in bias mode); on queries the term
+    at (i, j) reads the key's row, k_j . r_{b(j, i)}, which is that term transposed. The contextual
+    form multiplies by the table first and gathers by bucket: no n x n x d tensor.
+    """
+    if mode == "bias":
+        per_bucket = table[:, None, :].expand(-1, x.shape[-2], -1)
+    else:
+        table = table.to(x.dtype)  # matched batch dims: a strided x is not copied
+        per_bucket = torch.matmul(x, table.expand(x.shape[:-2] + table.shape[-2:])).mul_(scale)
+    term = spread_over_pairs(per_bucket, ids)
+    return term if on == "k" else term.transpose(-1, -2)
+
+
+def logit_term_backward(
+    x: Tensor, grad_logits: Tensor, table: Tensor, ids: Tensor, mode: str, on: str, scale: float
+) -> tuple[Tensor | None, Tensor]:
+    """Gradients of ``logit_term`` given the gradient of the logits: that of ``x`` (None in bias mode,
+    where the term does not depend on it) and that of the table."""
+    grad_term = grad_logits if on == "k" else grad_logits.transpose(-1, -2)
+    grad_buckets = sum_per_bucket(grad_term, ids, table.shape[-1])  # (..., H, n, K)
+    if mode == "bias":
+        return None, grad_buckets.sum(-2).sum_to_size(table.shape)
+    table = table.to(x.dtype)  # (H or 1, d, K)
+    grad_x = (grad_buckets @ table.transpose(-1, -2)).mul_(scale)
+    return grad_x, (x.transpose(-1, -2) @ grad_buckets).mul_(scale).sum_to_size(table.shape)
+
+
+def value_term(attn: Tensor, table: Tensor, ids: Tensor) -> Tensor:
+    """sum_j a_ij r_{b(i,j)} for (..., H, n, n) attention weights and a (H or 1, K, d) table, as
+    (..., H, n, d): per-bucket sums of each attention row times the table."""
+    return sum_per_bucket(attn, ids, table.shape[-2]) @ table.to(attn.dtype)
+
+
+def value_term_backward(attn: Tensor, grad_out: Tensor, table: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of ``value_term`` given the gradient of its output: that of the attention weights
+    (per pair) and that of the table."""
+    table_t = table.to(grad_out.dtype).transpose(-1, -2)
+    grad_attn = spread_over_pairs(grad_out @ table_t, ids)
+    grad_table = (sum_per_bucket(attn, ids, table.shape[-2]).transpose(-1, -2) @ grad_out).sum_to_size(table.shape)
+    return grad_attn, grad_table
+
+
+# --------------------------------------------------------------------------------------------------
 # RPE modules
 # --------------------------------------------------------------------------------------------------
 
@@ -227,8 +321,7 @@ class ImageRPE(nn.Module):
 
     For keys, ``attn_bias(q)`` gives q_i . r_{b(i,j)} (q already scaled by 1/sqrt(d)); for queries,
     ``attn_bias(k)`` gives k_j . r_{b(j,i)}; for values, ``value_term(attn)`` gives
-    sum_j a_ij r_{b(i,j)}. The efficient form multiplies by the table first and gathers by bucket
-    (contextual q/k) or sums attention rows per bucket first (values): no n x n x d tensor.
+    sum_j a_ij r_{b(i,j)}. The efficient forms are the module-level ``logit_term`` and ``value_term``.
     """
 
     def __init__(
@@ -239,6 +332,8 @@ class ImageRPE(nn.Module):
         head_dim: int,
         config: RPEConfig,
         grid_size: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.method = method
@@ -249,12 +344,13 @@ class ImageRPE(nn.Module):
         self.head_dim = head_dim
         self.num_buckets = num_buckets(method, config)
         table_heads = 1 if config.shared_head else num_heads
+        dd = dict(device=device, dtype=dtype)
         if self.mode == "bias":
-            self.lookup_table_bias = nn.Parameter(torch.zeros(table_heads, self.num_buckets))
+            self.lookup_table_bias = nn.Parameter(torch.zeros(table_heads, self.num_buckets, **dd))
         elif on == "v":
-            self.lookup_table_weight = nn.Parameter(torch.zeros(table_heads, self.num_buckets, head_dim))
+            self.lookup_table_weight = nn.Parameter(torch.zeros(table_heads, self.num_buckets, head_dim, **dd))
         else:
-            self.lookup_table_weight = nn.Parameter(torch.zeros(table_heads, head_dim, self.num_buckets))
+            self.lookup_table_weight = nn.Parameter(torch.zeros(table_heads, head_dim, self.num_buckets, **dd))
         self.grid_size: tuple[int, int] | None = None
         self.register_buffer("bucket_index", None, persistent=False)
         self._other_grid_key: tuple | None = None
@@ -276,7 +372,7 @@ class ImageRPE(nn.Module):
         return self.lookup_table_bias if self.mode == "bias" else self.lookup_table_weight
 
     @property
-    def leaves(self) -> tuple[ImageRPE, ...]:
+    def tables(self) -> tuple[ImageRPE, ...]:
         """The single-table modules this encoding sums (itself; the cross method has two)."""
         return (self,)
 
@@ -297,79 +393,47 @@ class ImageRPE(nn.Module):
         return self._other_grid_ids
 
     def pairs(self, per_bucket: Tensor, height: int, width: int) -> Tensor:
-        """Per-row bucket values (..., n, K) spread over the pairs: out[..., i, j] = per_bucket[..., i, b(i, j)]."""
-        ids = self.bucket_ids(height, width, per_bucket.device)
-        return per_bucket.gather(-1, ids.expand(per_bucket.shape[:-1] + ids.shape[-1:]))
+        """``spread_over_pairs`` with this table's bucket ids on an h x w grid."""
+        return spread_over_pairs(per_bucket, self.bucket_ids(height, width, per_bucket.device))
 
-    def bucket_sums(self, pairs: Tensor, height: int, width: int, out: Tensor | None = None) -> Tensor:
-        """Per-pair values (..., n, n) summed per bucket of each row, (..., n, K): the adjoint of
-        ``pairs``. Adds into ``out`` when given."""
-        ids = self.bucket_ids(height, width, pairs.device)
-        out = pairs.new_zeros(pairs.shape[:-1] + (self.num_buckets,)) if out is None else out
-        return out.scatter_add_(-1, ids.expand(pairs.shape), pairs)
+    def bucket_sums(self, per_pair: Tensor, height: int, width: int) -> Tensor:
+        """``sum_per_bucket`` with this table's bucket ids on an h x w grid."""
+        return sum_per_bucket(per_pair, self.bucket_ids(height, width, per_pair.device), self.num_buckets)
 
     def attn_bias(self, x: Tensor, height: int, width: int, reference: bool = False, scale: float = 1.0) -> Tensor:
-        """Logit term for q or k placement; ``x`` is (B, H, n, d) queries (on k) or keys (on q), and
-        ``scale`` the attention scale 1/sqrt(d) that the released code applies to them first.
-
-        Both placements compute term[i, j] = x_i . r_{b(i, j)}; on queries the term at (i, j) reads
-        the key's row, k_j . r_{b(j, i)}, which is that term transposed.
-        """
+        """Logit term for q or k placement (``logit_term``); ``reference`` uses the plain per-pair formula."""
+        ids = self.bucket_ids(height, width, x.device)
         if reference and self.mode == "ctx":
-            ids = self.bucket_ids(height, width, x.device)
             per_pair = self.lookup_table_weight[:, :, ids].expand(self.num_heads, -1, -1, -1)  # (H, d, n, n)
             term = torch.einsum("bhid,hdij->bhij", x * scale, per_pair)
-        else:
-            term = self.pairs(self._logit_buckets(x, scale), height, width)
-        return term if self.on == "k" else term.transpose(-1, -2)
-
-    def _logit_buckets(self, x: Tensor, scale: float) -> Tensor:
-        """The logit term per row and bucket, (B, H, n, K) (x_i . r_b, scaled) in contextual mode and
-        (H or 1, n, K) (the table, broadcast) in bias mode: ``pairs`` of it is the term."""
-        if self.mode == "bias":
-            return self.lookup_table_bias[:, None, :].expand(-1, x.shape[-2], -1)
-        table = self.lookup_table_weight.to(x.dtype)  # matched batch dims: a strided x is not copied
-        return torch.matmul(x, table.expand(x.shape[:-2] + table.shape[-2:])).mul_(scale)
-
-    def attn_bias_backward(self, x: Tensor, grad_buckets: Tensor, scale: float = 1.0) -> tuple[Tensor | None, Tensor]:
-        """Gradients of ``attn_bias(x, ...)``, given the ``bucket_sums`` (..., H, n, K) of the gradient
-        of its output in the term's own orientation (transposed on q): the gradient of ``x`` (None in
-        bias mode, where the term does not depend on it) and of the table."""
-        if self.mode == "bias":
-            return None, grad_buckets.sum(-2).sum_to_size(self.lookup_table_bias.shape)
-        table = self.lookup_table_weight.to(x.dtype)  # (H or 1, d, K)
-        grad_x = (grad_buckets @ table.transpose(-1, -2)).mul_(scale)
-        return grad_x, (x.transpose(-1, -2) @ grad_buckets).mul_(scale).sum_to_size(table.shape)
+            return term if self.on == "k" else term.transpose(-1, -2)
+        return logit_term(x, self.table, ids, self.mode, self.on, scale)
 
     def value_term(self, attn: Tensor, height: int, width: int, reference: bool = False) -> Tensor:
         """sum_j a_ij r_{b(i,j)} for (B, H, n, n) attention weights, as (B, H, n, d)."""
-        table = self.lookup_table_weight  # (H or 1, K, d)
+        ids = self.bucket_ids(height, width, attn.device)
         if reference:
-            ids = self.bucket_ids(height, width, attn.device)
-            per_pair = table[:, ids].expand(self.num_heads, -1, -1, -1)  # (H, n, n, d)
+            per_pair = self.lookup_table_weight[:, ids].expand(self.num_heads, -1, -1, -1)  # (H, n, n, d)
             return torch.einsum("bhij,hijd->bhid", attn, per_pair)
-        return self.bucket_sums(attn, height, width) @ table.to(attn.dtype)
-
-    def value_term_attn_grad(self, grad_out: Tensor) -> Tensor:
-        """The gradient of the attention weights through ``value_term`` given the gradient of its
-        output, per bucket (..., H, n, K): ``pairs`` of it is the per-pair gradient."""
-        return grad_out @ self.lookup_table_weight.to(grad_out.dtype).transpose(-1, -2)
-
-    def value_term_table_grad(self, bucket_mass: Tensor, grad_out: Tensor) -> Tensor:
-        """The table's gradient through ``value_term``, from the ``bucket_sums`` (..., H, n, K) of the
-        attention weights and the gradient of the output."""
-        return (bucket_mass.transpose(-1, -2) @ grad_out).sum_to_size(self.lookup_table_weight.shape)
+        return value_term(attn, self.lookup_table_weight, ids)
 
 
 class CrossImageRPE(nn.Module):
     """The cross method: one table along rows and one along columns, whose encodings add."""
 
     def __init__(
-        self, on: str, num_heads: int, head_dim: int, config: RPEConfig, grid_size: tuple[int, int] | None = None
+        self,
+        on: str,
+        num_heads: int,
+        head_dim: int,
+        config: RPEConfig,
+        grid_size: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.rp_rows = ImageRPE("cross_rows", on, num_heads, head_dim, config, grid_size)
-        self.rp_cols = ImageRPE("cross_cols", on, num_heads, head_dim, config, grid_size)
+        self.rp_rows = ImageRPE("cross_rows", on, num_heads, head_dim, config, grid_size, device, dtype)
+        self.rp_cols = ImageRPE("cross_cols", on, num_heads, head_dim, config, grid_size, device, dtype)
 
     def attn_bias(self, x: Tensor, height: int, width: int, reference: bool = False, scale: float = 1.0) -> Tensor:
         rows = self.rp_rows.attn_bias(x, height, width, reference, scale)
@@ -381,12 +445,17 @@ class CrossImageRPE(nn.Module):
         )
 
     @property
-    def leaves(self) -> tuple[ImageRPE, ...]:
+    def tables(self) -> tuple[ImageRPE, ...]:
         return (self.rp_rows, self.rp_cols)
 
 
 def build_rpe(
-    config: RPEConfig, num_heads: int, head_dim: int, grid_size: tuple[int, int] | None = None
+    config: RPEConfig,
+    num_heads: int,
+    head_dim: int,
+    grid_size: tuple[int, int] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module | None, ...]:
     """The (rpe_q, rpe_k, rpe_v) modules of one attention layer; None where the config has no RPE."""
 
@@ -394,8 +463,8 @@ def build_rpe(
         if on not in config.rpe_on:
             return None
         if config.method == "cross":
-            return CrossImageRPE(on, num_heads, head_dim, config, grid_size)
-        return ImageRPE(config.method, on, num_heads, head_dim, config, grid_size)
+            return CrossImageRPE(on, num_heads, head_dim, config, grid_size, device, dtype)
+        return ImageRPE(config.method, on, num_heads, head_dim, config, grid_size, device, dtype)
 
     return build("q"), build("k"), build("v")
 
@@ -404,6 +473,9 @@ def build_rpe(
 # Attention
 # --------------------------------------------------------------------------------------------------
 
+# (on, mode) of each table an attention layer passes to ``_RecomputedAttention``: q/k tables first.
+TableSpec = tuple[tuple[str, str], ...]
+
 
 def _split_heads(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Queries, keys and values (B, H, n, d), as views of the projection's (B, n, 3, H, d) output."""
@@ -411,51 +483,69 @@ def _split_heads(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
-def _attention_per_image(layer: RPEAttention, q: Tensor, k: Tensor, grid: tuple[int, int]) -> Iterator[tuple[int, Tensor]]:
+def _qk_logit_term(
+    q: Tensor, k: Tensor, specs: TableSpec, tables: tuple[Tensor, ...], ids: tuple[Tensor, ...], scale: float
+) -> Tensor | None:
+    """The summed logit terms of the q/k tables, or None without any."""
+    total = None
+    for (on, mode), table, table_ids in zip(specs, tables, ids, strict=True):
+        if on == "v":
+            continue
+        term = logit_term(q if on == "k" else k, table, table_ids, mode, on, scale)
+        total = term if total is None else total + term
+    return total
+
+
+def _attention_per_image(
+    q: Tensor, k: Tensor, scale: float, specs: TableSpec, tables: tuple[Tensor, ...], ids: tuple[Tensor, ...]
+) -> Iterator[tuple[int, Tensor]]:
     """Each image's attention weights (H, n, n) from (B, H, n, d) queries and keys; per image, the
     RPE logit term stays in cache for the ``baddbmm`` that adds the scaled scores to it."""
     batch, heads, num_tokens, _ = q.shape
     no_bias = q.new_zeros(()).expand(heads, num_tokens, num_tokens)
     for i in range(batch):
-        bias = layer._logit_bias(q[i], k[i], grid)
+        bias = _qk_logit_term(q[i], k[i], specs, tables, ids, scale)
         beta, bias = (0.0, no_bias) if bias is None else (1.0, bias.expand(heads, num_tokens, num_tokens))
-        yield i, torch.baddbmm(bias, q[i], k[i].transpose(-2, -1), beta=beta, alpha=layer.scale).softmax(dim=-1)
+        yield i, torch.baddbmm(bias, q[i], k[i].transpose(-2, -1), beta=beta, alpha=scale).softmax(dim=-1)
 
 
 class _RecomputedAttention(torch.autograd.Function):
     """Attention with iRPE that saves no n x n tensor: flash-style recomputation on the CPU.
 
-    Takes the projection's output (B, n, 3, H, d) as it is and returns the attention output as
-    (B, n, H * d), the layout the output projection reads, so neither direction copies q, k, v or
-    their gradients. Forward keeps only the projection output and the attention output (which the
-    output projection keeps anyway). Backward recomputes the attention weights one image at a time,
-    so its n x n blocks stay in cache, and takes the RPE terms' gradients through each table's
-    ``bucket_sums`` (the adjoint of the ``pairs`` that built the terms): one loop serves every
-    method, mode and placement.
+    Inputs: the projection's output (B, n, 3, H, d) as it is, the attention scale, the (on, mode) of
+    every table (q/k tables first, then v tables), then the tables, then their bucket ids (n, n).
+    Returns the attention output as (B, n, H * d), the layout the output projection reads, so
+    neither direction copies q, k, v or their gradients. Forward saves the projection output, the
+    attention output (which the output projection keeps anyway) and the tables. Backward recomputes
+    the attention weights one image at a time, so its n x n blocks stay in cache, and takes each
+    table's gradient through ``sum_per_bucket`` (the adjoint of the gather that built its term).
     """
 
     @staticmethod
-    def forward(ctx: Any, layer: RPEAttention, grid: tuple[int, int], qkv: Tensor, *tables: Tensor) -> Tensor:
-        """``tables`` are ``layer.rpe_tables()`` (q/k tables, then v tables), passed so they get gradients."""
+    def forward(ctx: Any, qkv: Tensor, scale: float, specs: TableSpec, *tables_and_ids: Tensor) -> Tensor:
+        tables, ids = tables_and_ids[: len(specs)], tables_and_ids[len(specs) :]
         batch, num_tokens, _, heads, head_dim = qkv.shape
         q, k, v = _split_heads(qkv)
-        if layer.rpe_v is None:  # the fused kernel takes the q/k terms as an additive mask
-            mask = layer._logit_bias(q, k, grid)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scale)
+        value_tables = [t for t, (on, _) in enumerate(specs) if on == "v"]
+        if not value_tables:  # the fused kernel takes the q/k terms as an additive mask
+            mask = _qk_logit_term(q, k, specs, tables, ids, scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             out = out.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
         else:
             out = q.new_empty(batch, num_tokens, heads, head_dim)
-            for i, attn in _attention_per_image(layer, q, k, grid):
-                out[i] = torch.baddbmm(layer.rpe_v.value_term(attn, *grid), attn, v[i]).transpose(0, 1)
+            for i, attn in _attention_per_image(q, k, scale, specs, tables, ids):
+                values = sum(value_term(attn, tables[t], ids[t]) for t in value_tables)
+                out[i] = torch.baddbmm(values, attn, v[i]).transpose(0, 1)
             out = out.view(batch, num_tokens, heads * head_dim)
-        ctx.layer, ctx.grid = layer, grid
-        ctx.save_for_backward(qkv, out)
+        ctx.scale, ctx.specs = scale, specs
+        ctx.save_for_backward(qkv, out, *tables, *ids)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        layer, grid = ctx.layer, ctx.grid
-        qkv, out = ctx.saved_tensors
+        scale, specs = ctx.scale, ctx.specs
+        qkv, out, *saved = ctx.saved_tensors
+        tables, ids = tuple(saved[: len(specs)]), tuple(saved[len(specs) :])
         batch, num_tokens, _, heads, head_dim = qkv.shape
         q, k, v = _split_heads(qkv)
         grad_qkv = torch.empty_like(qkv)
@@ -464,92 +554,122 @@ class _RecomputedAttention(torch.autograd.Function):
         # softmax backward: dS = P (dP - D) with D_i = sum_j P_ij dP_ij = dO_i . O_i (as flash attention does)
         row_dot = (grad_out * out.view_as(grad_out)).sum(-1).transpose(1, 2).unsqueeze(-1)  # (B, H, n, 1)
         grad_out = grad_out.transpose(1, 2)  # (B, H, n, d)
-        qk_leaves, v_leaves = layer.rpe_leaves()
-        grad_tables: list[Tensor | None] = [None] * (len(qk_leaves) + len(v_leaves))
-        for i, attn in _attention_per_image(layer, q, k, grid):
+        grad_tables: list[Tensor | None] = [None] * len(specs)
+        for i, attn in _attention_per_image(q, k, scale, specs, tables, ids):
             grad_out_i = grad_out[i]
             grad_v[i] = torch.bmm(attn.transpose(-2, -1), grad_out_i)
             grad_attn = torch.bmm(grad_out_i, v[i].transpose(-2, -1))
-            v_table_grads = []
-            for leaf in v_leaves:
-                grad_attn += leaf.pairs(leaf.value_term_attn_grad(grad_out_i), *grid)
-                v_table_grads.append(leaf.value_term_table_grad(leaf.bucket_sums(attn, *grid), grad_out_i))
+            image_grads: list[Tensor] = []
+            for (on, _), table, table_ids in zip(specs, tables, ids, strict=True):
+                if on == "v":
+                    grad_attn_v, grad_table = value_term_backward(attn, grad_out_i, table, table_ids)
+                    grad_attn += grad_attn_v
+                    image_grads.append(grad_table)
             grad_logits = grad_attn.sub_(row_dot[i]).mul_(attn)
             # beta=0: baddbmm scales the product in place and ignores its first argument
-            grad_q_i = torch.baddbmm(q[i], grad_logits, k[i], beta=0.0, alpha=layer.scale)
-            grad_k_i = torch.baddbmm(k[i], grad_logits.transpose(-2, -1), q[i], beta=0.0, alpha=layer.scale)
-            qk_table_grads = []
-            for leaf in qk_leaves:
-                x, grad_x = (q[i], grad_q_i) if leaf.on == "k" else (k[i], grad_k_i)
-                grad_term = grad_logits if leaf.on == "k" else grad_logits.transpose(-2, -1)
-                grad_extra, grad_table = leaf.attn_bias_backward(x, leaf.bucket_sums(grad_term, *grid), layer.scale)
+            grad_q_i = torch.baddbmm(q[i], grad_logits, k[i], beta=0.0, alpha=scale)
+            grad_k_i = torch.baddbmm(k[i], grad_logits.transpose(-2, -1), q[i], beta=0.0, alpha=scale)
+            qk_grads: list[Tensor] = []
+            for (on, mode), table, table_ids in zip(specs, tables, ids, strict=True):
+                if on == "v":
+                    continue
+                x, grad_x = (q[i], grad_q_i) if on == "k" else (k[i], grad_k_i)
+                grad_extra, grad_table = logit_term_backward(x, grad_logits, table, table_ids, mode, on, scale)
                 if grad_extra is not None:
                     grad_x += grad_extra
-                qk_table_grads.append(grad_table)
+                qk_grads.append(grad_table)
             grad_q[i], grad_k[i] = grad_q_i, grad_k_i
-            for t, grad in enumerate(qk_table_grads + v_table_grads):  # a table's gradient sums over the images
+            for t, grad in enumerate(qk_grads + image_grads):  # a table's gradient sums over the images
                 grad_tables[t] = grad if grad_tables[t] is None else grad_tables[t].add_(grad)
-        return (None, None, grad_qkv, *grad_tables)
+        return (grad_qkv, None, None, *grad_tables, *([None] * len(ids)))
 
 
+@register_notrace_module  # FX: a leaf (the grid check and the choice of path are Python control flow)
 class RPEAttention(nn.Module):
     """Multi-head self-attention with iRPE on queries, keys and/or values.
+
+    Plugs into timm's blocks as timm plugs attention (``attn_layer=partial(RPEAttention,
+    rpe_config=..., grid_size=...)``) and takes timm ``Attention``'s arguments (``attn_head_dim``,
+    ``dim_out``, ``qkv_bias``, ``qk_norm``, ``scale_norm``, ``proj_bias``, ``gated``, dropouts,
+    ``norm_layer``, ``device``, ``dtype``) with the same meaning. ``grid_size`` is the patch grid
+    whose bucket ids are built into buffers; ``forward`` takes the grid of its input (a plain timm
+    block passes none: the built grid is used, and the token count must match it).
 
     Query/key terms enter ``scaled_dot_product_attention`` as an additive float mask, so the fused
     kernels apply on CUDA and in CPU inference. CPU training (eager) recomputes the attention in
     backward instead of saving it (``_RecomputedAttention``), so RPE costs almost no memory.
-    ``reference = True`` switches every term to the plain per-pair formulas (for tests).
+    ``reference = True`` switches every term to the plain per-pair formulas (for tests). Layers
+    without RPE on values use FlexAttention on CUDA, and in CPU inference when
+    ``cpu_flex_inference`` is set (``finetune.backbones.flex``).
     """
+
+    cpu_flex_inference = False
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
+        attn_head_dim: int | None = None,
+        dim_out: int | None = None,
         qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        gated: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         rpe_config: RPEConfig | dict[str, Any] | None = None,
         grid_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        dd = dict(device=device, dtype=dtype)
+        if attn_head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"RPEAttention: dim={dim} must be divisible by num_heads={num_heads} (or pass attn_head_dim)")
+            attn_head_dim = dim // num_heads
+        if (qk_norm or scale_norm) and norm_layer is None:
+            raise ValueError("RPEAttention: qk_norm=True or scale_norm=True needs norm_layer (e.g. nn.LayerNorm)")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = attn_head_dim
+        self.attn_dim = num_heads * attn_head_dim
         self.scale = self.head_dim**-0.5
         self.rpe_config = RPEConfig.from_any(rpe_config)
         self.reference = False
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qk_norm = qk_norm
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
+        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.grid_size = None if grid_size is None else (int(grid_size[0]), int(grid_size[1]))
-        self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(self.rpe_config, self.num_heads, self.head_dim, self.grid_size)
+        self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(
+            self.rpe_config, self.num_heads, self.head_dim, self.grid_size, **dd
+        )
 
     def set_grid_size(self, grid_size: tuple[int, int]) -> None:
         """The patch grid this layer is built for: its bucket ids are kept in buffers."""
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
-        qk, v = self.rpe_leaves()
-        for leaf in qk + v:
-            leaf.set_grid_size(self.grid_size)
+        for table in self.rpe_modules():
+            table.set_grid_size(self.grid_size)
 
-    def rpe_leaves(self) -> tuple[list[ImageRPE], list[ImageRPE]]:
-        """The single-table RPE modules on queries and keys, and those on values."""
-        qk = [leaf for rpe in (self.rpe_q, self.rpe_k) if rpe is not None for leaf in rpe.leaves]
-        return qk, ([] if self.rpe_v is None else list(self.rpe_v.leaves))
-
-    def rpe_tables(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """The RPE parameters of queries and keys, and those of values (in ``rpe_leaves`` order)."""
-        qk, v = self.rpe_leaves()
-        return [leaf.table for leaf in qk], [leaf.table for leaf in v]
+    def rpe_modules(self) -> list[ImageRPE]:
+        """The single-table RPE modules, those on queries and keys first, then those on values."""
+        return [table for rpe in (self.rpe_q, self.rpe_k, self.rpe_v) if rpe is not None for table in rpe.tables]
 
     def _grid(self, num_tokens: int, grid_size: tuple[int, int] | None) -> tuple[int, int]:
         skip = self.rpe_config.skip
-        if grid_size is None and self.grid_size is not None and num_tokens == self.grid_size[0] * self.grid_size[1] + skip:
+        if grid_size is None:
             grid_size = self.grid_size
-        if grid_size is None:  # square grid, as the released code assumes
-            side = math.isqrt(num_tokens - skip)
-            grid_size = (side, side)
+        if grid_size is None:
+            raise ValueError(
+                "RPEAttention: no patch grid; pass grid_size to forward or build the layer with grid_size=(rows, cols)"
+            )
         height, width = grid_size
         if height * width + skip != num_tokens:
             raise ValueError(
@@ -559,11 +679,16 @@ class RPEAttention(nn.Module):
         return int(height), int(width)
 
     def _qkv(self, x: Tensor, grid_size: tuple[int, int] | None) -> tuple[Tensor, tuple[int, int]]:
-        """The projection's output as (B, n, 3, H, d) and the grid. Queries stay unscaled: the logits
-        are scaled in place instead, which saves a (B, H, n, d) activation."""
+        """The projection's output as (B, n, 3, H, d) (q and k normalised under ``qk_norm``) and the
+        grid. Queries stay unscaled: the logits are scaled in place instead, which saves a (B, H, n, d)
+        activation."""
         batch, num_tokens, _ = x.shape
         grid = self._grid(num_tokens, grid_size)
-        return self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim), grid
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim)
+        if self.qk_norm:
+            q, k, v = qkv.unbind(2)
+            qkv = torch.stack([self.q_norm(q), self.k_norm(k), v], dim=2)
+        return qkv, grid
 
     def _logit_bias(self, q: Tensor, k: Tensor, grid: tuple[int, int]) -> Tensor | None:
         """The summed q/k RPE logit term, or None without RPE on q and k."""
@@ -580,50 +705,98 @@ class RPEAttention(nn.Module):
         bias = self._logit_bias(q, k, grid)
         return logits if bias is None else logits.add_(bias)
 
-    def _path(self, q: Tensor) -> str:
-        """How this call computes attention: ``sdpa``, ``recompute`` or ``explicit``.
+    def _path(self, q: Tensor, masked: bool) -> str:
+        """How this call computes attention: ``flex``, ``sdpa``, ``recompute`` or ``explicit``.
 
         The value term needs the attention weights and the reference path is explicit by design.
         On the CPU, SDPA has no fused backward for a float mask that needs a gradient (it falls back
         to its math kernel, slower than an explicit softmax), so eager CPU training recomputes the
-        attention in backward; compiled graphs leave memory planning to the compiler.
+        attention in backward; compiled graphs leave memory planning to the compiler. Eager CPU
+        inference with a value term takes the same per-image loop (forward only), so no batch-sized
+        n x n tensor is built there either.
         """
         has_qk_rpe = self.rpe_q is not None or self.rpe_k is not None
         training_grad = torch.is_grad_enabled() and q.requires_grad
         if self.reference:
             return "explicit"
+        if self.rpe_v is None and has_qk_rpe and not masked and flex.usable(self, q, training_grad):
+            return "flex"
         if self.rpe_v is None and (q.is_cuda or not has_qk_rpe or not training_grad):
             return "sdpa"
         no_dropout = self.attn_drop.p == 0 or not self.training
         eager_full_precision_cpu = not (q.is_cuda or q.dtype in (torch.float16, torch.bfloat16) or torch.compiler.is_compiling())
-        if training_grad and no_dropout and eager_full_precision_cpu:
+        if no_dropout and eager_full_precision_cpu and not masked:
             return "recompute"
         return "explicit"
 
     @torch.no_grad()
-    def attention_weights(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
-        """Attention probabilities (B, H, n, n) for input tokens ``x`` (what the visualiser draws)."""
+    def attention_weights(
+        self,
+        x: Tensor,
+        grid_size: tuple[int, int] | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """Attention probabilities (B, H, n, n) for the inputs of a ``forward`` call (what the visualiser draws)."""
         qkv, grid = self._qkv(x, grid_size)
         q, k, _ = _split_heads(qkv)
-        return self._logits(q, k, grid).softmax(dim=-1)
+        logits = self._logits(q, k, grid)
+        mask = resolve_self_attn_mask(x.shape[1], logits, attn_mask, is_causal)
+        return (logits if mask is None else logits + mask).softmax(dim=-1)
 
-    def forward(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
-        batch, num_tokens, dim = x.shape
+    def forward(
+        self,
+        x: Tensor,
+        grid_size: tuple[int, int] | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """Attention over ``x`` (B, n, C) on the patch grid ``grid_size`` (None: the built grid);
+        ``attn_mask`` (bool or additive) and ``is_causal`` as in timm's ``Attention``."""
+        batch, num_tokens, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv, grid = self._qkv(x, grid_size)
         q, k, v = _split_heads(qkv)
-        path = self._path(q)
+        mask = resolve_self_attn_mask(num_tokens, q, attn_mask, is_causal)
+        path = self._path(q, mask is not None)
         if path == "recompute":
-            qk_tables, v_tables = self.rpe_tables()
-            return self.proj_drop(self.proj(_RecomputedAttention.apply(self, grid, qkv, *qk_tables, *v_tables)))
-        if path == "sdpa":
-            bias = self._logit_bias(q, k, grid)
-            dropout = self.attn_drop.p if self.training else 0.0
-            mask = None if bias is None else bias.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+            tables = self.rpe_modules()
+            specs = tuple((table.on, table.mode) for table in tables)
+            ids = [table.bucket_ids(*grid, x.device) for table in tables]
+            out = _RecomputedAttention.apply(qkv, self.scale, specs, *[t.table for t in tables], *ids)
+        elif path == "flex":
+            out = flex.attend(q, k, v, flex.rpe_score_mod(self, q, k, grid), self.scale)
+            out = out.transpose(1, 2).reshape(batch, num_tokens, self.attn_dim)
         else:
-            attn = self.attn_drop(self._logits(q, k, grid).softmax(dim=-1))
-            out = attn @ v
-            if self.rpe_v is not None:
-                out = out + self.rpe_v.value_term(attn, *grid, self.reference).to(out.dtype)
-        out = out.transpose(1, 2).reshape(batch, num_tokens, dim)
+            bias = self._logit_bias(q, k, grid)
+            if mask is not None:
+                bias = mask if bias is None else bias + mask
+            if path == "sdpa":
+                dropout = self.attn_drop.p if self.training else 0.0
+                mask = None if bias is None else bias.to(q.dtype)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+            else:
+                logits = (q @ k.transpose(-2, -1)).mul_(self.scale)
+                attn = self.attn_drop((logits if bias is None else logits.add_(bias)).softmax(dim=-1))
+                out = attn @ v
+                if self.rpe_v is not None:
+                    out = out + self.rpe_v.value_term(attn, *grid, self.reference).to(out.dtype)
+            out = out.transpose(1, 2).reshape(batch, num_tokens, self.attn_dim)
+        out = self.norm(out)
+        if gate is not None:
+            out = out * gate
         return self.proj_drop(self.proj(out))
+
+
+def rpe_attention_layer(
+    rpe_config: RPEConfig | dict[str, Any] | None = None, grid_size: tuple[int, int] | None = None
+) -> type[RPEAttention]:
+    """``RPEAttention`` with ``rpe_config`` and ``grid_size`` bound, for timm's ``attn_layer=``.
+
+    This is ``functools.partial(RPEAttention, rpe_config=..., grid_size=...)`` as a class: timm's
+    ``Block`` checks its ``attn_layer`` with ``issubclass``, which a partial does not pass. Every
+    other argument comes from the block, as for timm's own ``Attention``.
+    """
+    config = RPEConfig.from_any(rpe_config)
+    init = partialmethod(RPEAttention.__init__, rpe_config=config, grid_size=grid_size)
+    return type("RPEAttention", (RPEAttention,), {"__init__": init, "__module__": __name__, "__doc__": RPEAttention.__doc__})

@@ -7,19 +7,18 @@ layout is the released one, so official ``{'model': state_dict}`` files load wit
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerType
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from ..resize import checkpoint_grid, convert_rpe_tables, pretrained_grid
+from ..resize import checkpoint_grid, convert_rpe_tables, pretrained_grid, resize_rpe_model
 from .checkpoint import check_state_dict
-from .irpe import RPEAttention, RPEConfig
+from .irpe import RPEConfig, rpe_attention_layer
 
 __all__ = ["IRPEVisionTransformer", "RPEBlock", "checkpoint_filter_fn", "OFFICIAL_MODELS"]
 
@@ -27,56 +26,126 @@ RELEASE_URL = "https://github.com/wkcn/iRPE-model-zoo/releases/download/1.0/{nam
 
 
 class RPEBlock(Block):
-    """timm's pre-norm transformer block with iRPE attention and the patch grid as an input."""
+    """timm's pre-norm transformer block whose attention also takes the patch grid (as eva's blocks
+    take ``rope``); the attention is timm's ``attn_layer``, here ``rpe_attention_layer(...)``."""
 
-    def __init__(
+    def forward(
         self,
-        dim: int,
-        num_heads: int,
-        qkv_bias: bool = False,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        rpe_config: RPEConfig | None = None,
-        attn_layer: LayerType | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop, **kwargs)
-        self.attn = RPEAttention(
-            dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, rpe_config=rpe_config
-        )
-
-    def forward(self, x: torch.Tensor, grid_size: tuple[int, int] | None = None, **_: Any) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid_size)))
+        x: torch.Tensor,
+        grid_size: tuple[int, int] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid_size, attn_mask=attn_mask, is_causal=is_causal)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class IRPEVisionTransformer(VisionTransformer):
-    """VisionTransformer whose attention layers carry iRPE, configured by ``rpe_config``."""
+    """VisionTransformer whose attention layers carry iRPE, configured by ``rpe_config``.
+
+    The blocks are ``RPEBlock`` with ``attn_layer=rpe_attention_layer(rpe_config)``, so every timm
+    ``Attention`` argument (``qk_norm``, ``proj_bias``, ``scale_attn_norm``, ...) reaches the
+    attention. Every path that runs the blocks (``forward_features``, ``forward_intermediates``,
+    ``features_only``) passes them the patch grid of its input, so non-square and dynamic sizes work.
+    """
 
     def __init__(self, rpe_config: RPEConfig | dict[str, Any] | None = None, **kwargs: Any) -> None:
+        for fixed in ("block_fn", "attn_layer"):
+            if fixed in kwargs:
+                raise ValueError(
+                    f"IRPEVisionTransformer: {fixed}={kwargs[fixed]!r} cannot be set (the blocks are RPEBlock "
+                    "with RPEAttention); build timm's VisionTransformer with attn_layer=rpe_attention_layer(...) instead"
+                )
         self.rpe_config = RPEConfig.from_any(rpe_config)
-        super().__init__(block_fn=partial(RPEBlock, rpe_config=self.rpe_config), **kwargs)
+        super().__init__(block_fn=RPEBlock, attn_layer=rpe_attention_layer(self.rpe_config), **kwargs)
+        self.set_grid_size(self.patch_embed.grid_size)
+
+    def set_grid_size(self, grid_size: tuple[int, int]) -> None:
+        """Build every attention layer's bucket ids for ``grid_size`` (as timm's Swin ``set_window_size``)."""
         for block in self.blocks:
-            block.attn.set_grid_size(self.patch_embed.grid_size)
+            block.attn.set_grid_size(grid_size)
+
+    def set_input_size(
+        self, img_size: tuple[int, int] | None = None, patch_size: tuple[int, int] | None = None
+    ) -> None:
+        """timm's ``set_input_size`` (pos_embed resampled), then the iRPE tables follow
+        ``rpe_config.resize`` to the new grid and the bucket ids are rebuilt (``finetune.resize.resize_rpe_model``)."""
+        old_grid = tuple(self.patch_embed.grid_size)
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        resize_rpe_model(self, old_grid, tuple(self.patch_embed.grid_size))
+        self.set_grid_size(self.patch_embed.grid_size)
 
     def grid_size_of(self, x: torch.Tensor) -> tuple[int, int]:
         """Patch grid of an input image batch."""
         if self.dynamic_img_size:
-            return tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
-        return tuple(self.patch_embed.grid_size)
+            height, width = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+            return height, width
+        return self.patch_embed.grid_size
 
-    def forward_features(self, x: torch.Tensor, **_: Any) -> torch.Tensor:
-        grid_size = self.grid_size_of(x)
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
-        x = self.norm_pre(x)
+        return self.norm_pre(x)
+
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        grid_size = self.grid_size_of(x)
+        x = self._embed(x)
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, grid_size)
+                x = checkpoint(block, x, grid_size, attn_mask, is_causal)
             else:
-                x = block(x, grid_size)
+                x = block(x, grid_size, attn_mask=attn_mask, is_causal=is_causal)
         return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]] | dict[str, Any]:
+        """timm's ``VisionTransformer.forward_intermediates``, with the patch grid passed to every block."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NLC'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        grid_size = self.grid_size_of(x)
+        batch = x.shape[0]
+        x = self._embed(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, grid_size, attn_mask, is_causal)
+            else:
+                x = block(x, grid_size, attn_mask=attn_mask, is_causal=is_causal)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix_tokens = [y[:, : self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            height, width = grid_size
+            intermediates = [y.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if not torch.jit.is_scripting() and return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -93,8 +162,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: IRPEVisionT
     """
     state_dict = state_dict.get("model", state_dict)
     if "pos_embed" in state_dict:
+        embedded_prefix = 0 if model.no_embed_class else model.num_prefix_tokens  # DeiT III: patch slots only
         old_grid = checkpoint_grid(
-            state_dict["pos_embed"], model.num_prefix_tokens, model, state_dict.get("patch_embed.proj.weight")
+            state_dict["pos_embed"], embedded_prefix, model, state_dict.get("patch_embed.proj.weight")
         )
     else:  # no absolute position embedding (pos_embed='none')
         old_grid = pretrained_grid(model)

@@ -22,7 +22,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import (
+    DropPath,
+    Mlp,
+    register_notrace_function,
+    register_notrace_module,
+    resample_abs_pos_embed,
+    to_2tuple,
+    trunc_normal_,
+)
 from timm.layers.attention import Attention
 from timm.models import (
     build_model_with_cfg,
@@ -33,13 +41,16 @@ from timm.models import (
     register_model,
     resolve_pretrained_cfg,
 )
+from timm.models._features import feature_take_indices
 from timm.models._hub import download_cached_file
-from timm.models._input import update_model_args
+from timm.models._input import update_model_args, update_model_input_size
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
 from ..resize import PRIOR_RESIZE_STRATEGIES, prior_offset_scale
+from . import flex
 from .checkpoint import check_state_dict
+from .recompute import prior_attention
 
 __all__ = ["SPViT", "SPSAttention", "SPViTBlock", "ConvStem", "offset_table", "checkpoint_filter_fn"]
 
@@ -47,6 +58,9 @@ _logger = logging.getLogger(__name__)
 
 # Weight of the auxiliary (token) head in the inference output, as released.
 AUX_LOGIT_WEIGHT = 0.5
+
+# 'token': the class token; 'avg': the mean patch token; '': no pooling (per-token logits).
+GLOBAL_POOLS = ("token", "avg", "")
 
 
 def offset_table(height: int, width: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
@@ -68,6 +82,7 @@ def offset_table(height: int, width: int, device: torch.device | None = None) ->
     return offsets, index
 
 
+@register_notrace_module  # FX: a leaf (its token-count check and per-image CPU loop are Python control flow)
 class SPSAttention(nn.Module):
     """Spatial-prior self-attention: logit_ij = SP_h(dx, dy) * (q_i . k_j) / sqrt(d), softmax over j.
 
@@ -78,7 +93,13 @@ class SPSAttention(nn.Module):
     on the (2h-1)(2w-1) distinct offsets and gathers it to n x n. ``offset_scale`` (x, y) multiplies
     the raw offsets before the MLP: 1 as released; the model passes trained/current grid under
     ``prior_resize='scale'`` (``finetune.resize.prior_offset_scale``).
+
+    On CUDA (and in CPU inference when ``cpu_flex_inference`` is set) the prior multiplies the logits
+    inside FlexAttention (``finetune.backbones.flex``); eager CPU training recomputes the weights in
+    backward (``finetune.backbones.recompute``): neither keeps an n x n tensor per image.
     """
+
+    cpu_flex_inference = False
 
     def __init__(
         self,
@@ -145,14 +166,22 @@ class SPSAttention(nn.Module):
                 f"SPSAttention: {num_tokens} tokens do not match the {grid_size[0]}x{grid_size[1]} patch grid "
                 "(SP-SA layers see patch tokens only)"
             )
-        q, k = self.qk(x).reshape(batch, num_tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        v = self.v(x).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        qk = self.qk(x).reshape(batch, num_tokens, 2, self.num_heads, self.head_dim)
+        v_heads = self.v(x).reshape(batch, num_tokens, self.num_heads, self.head_dim)
+        q, k = qk.permute(2, 0, 3, 1, 4)
+        v = v_heads.transpose(1, 2)
         # The scale folds into the (heads, n, n) prior, so the batch-sized logits see one multiply.
         prior = (self.spatial_prior(grid_size, offset_scale) * self.scale).to(q.dtype)
+        training_grad = torch.is_grad_enabled() and q.requires_grad
+        eager_cpu = x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        if flex.usable(self, q, training_grad):
+            out = flex.attend(q, k, v, flex.prior_score_mod(prior), scale=1.0)
+        elif eager_cpu and training_grad and (self.attn_drop.p == 0 or not self.training):
+            return self.proj_drop(self.proj(prior_attention(qk, v_heads, prior)))
         # A batch's n x n logits overflow CPU caches; image by image they stay cache-resident (about
         # twice as fast here, and no copies of q, k, v). Accelerators take the whole batch at once, and
         # so do compiled / exported graphs (splitting the batch would fix their batch size).
-        if x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        elif eager_cpu:
             images = zip(q.split(1), k.split(1), v.split(1), strict=True)
             out = torch.cat([self._attend(qc, kc, vc, prior) for qc, kc, vc in images])
         else:
@@ -242,6 +271,12 @@ class SPViTBlock(nn.Module):
         return self.pos_block(x, grid_size, self.num_prefix_tokens)
 
 
+def stem_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """Patch grid the stem gives an image: a stride-2 conv (padded), then a patch_size/2 projection."""
+    half = patch_size // 2
+    return (height + 1) // 2 // half, (width + 1) // 2 // half
+
+
 class ConvStem(nn.Module):
     """LV-ViT patch stem: conv 7x7 stride 2, two 3x3 convs (each followed by BN and ReLU), then a
     (patch/2) x (patch/2) projection with that stride. Returns the (B, C, h, w) patch map."""
@@ -259,10 +294,8 @@ class ConvStem(nn.Module):
             raise ValueError(
                 f"patch_size={patch_size}: expected an even size (a stride-2 conv precedes the projection)"
             )
-        self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
-        self.grid_size = self.feat_size(self.img_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.set_input_size(img_size)
         c = stem_channels
         self.conv1 = nn.Conv2d(in_chans, c, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(c)
@@ -273,10 +306,15 @@ class ConvStem(nn.Module):
         self.bn3 = nn.BatchNorm2d(c)
         self.proj = nn.Conv2d(c, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
 
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Build for another image size (the convolutions do not depend on it)."""
+        self.img_size = to_2tuple(img_size)
+        self.grid_size = self.feat_size(self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
     def feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid of an image size."""
-        half = self.patch_size[0] // 2
-        return ((img_size[0] + 1) // 2 // half, (img_size[1] + 1) // 2 // half)
+        return stem_grid(img_size[0], img_size[1], self.patch_size[0])
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -319,6 +357,8 @@ class SPViT(nn.Module):
         prior_resize: str = "keep",
         trained_grid: tuple[int, int] | None = None,
         return_token_logits: bool = False,
+        global_pool: str = "token",
+        dynamic_img_size: bool = False,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
@@ -339,9 +379,13 @@ class SPViT(nn.Module):
             )
         if trained_grid is not None and len(trained_grid) != 2:
             raise ValueError(f"trained_grid={trained_grid!r}: expected None or a (rows, cols) pair")
+        _check_global_pool(global_pool)
         norm_layer = norm_layer or nn.LayerNorm  # eps 1e-5, as released
         act_layer = act_layer or nn.GELU
         self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.dynamic_img_size = dynamic_img_size
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.sp_layers = sp_layers
@@ -377,6 +421,9 @@ class SPViT(nn.Module):
             )
             for i in range(depth)
         )
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.patch_embed.patch_size[0]) for i in range(depth)
+        ]
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -416,57 +463,181 @@ class SPViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New class and token heads for ``num_classes`` (0: both Identity, forward gives features)."""
-        if global_pool not in (None, "token"):
-            raise ValueError(
-                f"global_pool={global_pool!r}: SP-ViT pools with the class token, expected 'token'"
-            )
+        """New class and token heads for ``num_classes`` (0: both Identity, forward gives features);
+        ``global_pool`` ('token', 'avg' or '') changes the pooling when given."""
+        if global_pool is not None:
+            _check_global_pool(global_pool)
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def grid_size_of(self, x: Tensor) -> tuple[int, int]:
-        """Patch grid of an image batch; it must be the grid the model (and its pos_embed) was built for."""
-        grid = self.patch_embed.feat_size(tuple(x.shape[-2:]))
-        if grid != self.patch_embed.grid_size:
+    def set_grid_size(self, grid_size: tuple[int, int]) -> None:
+        """Build every SP-SA layer's offset table for ``grid_size`` (as timm's Swin ``set_window_size``)."""
+        for block in self.blocks:
+            if block.spatial_prior:
+                block.attn.set_grid_size(grid_size)
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: Any = None) -> None:
+        """Build the model for another input size: pos_embed resampled (bicubic), offset tables rebuilt,
+        the former grid recorded as ``trained_grid`` (unless one is named) for ``prior_resize='scale'``."""
+        if patch_size is not None and to_2tuple(patch_size) != self.patch_embed.patch_size:
             raise ValueError(
-                f"input images {x.shape[-2]}x{x.shape[-1]} give a {grid[0]}x{grid[1]} patch grid, but the model was "
-                f"built for img_size={self.patch_embed.img_size} ({self.patch_embed.grid_size[0]}x"
-                f"{self.patch_embed.grid_size[1]}); create it with img_size=({x.shape[-2]}, {x.shape[-1]})"
+                f"set_input_size(patch_size={patch_size!r}): SP-ViT's convolutional stem has a fixed patch size "
+                f"{self.patch_embed.patch_size}"
             )
-        return grid
+        if img_size is None:
+            return
+        old_grid = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size)
+        new_grid = self.patch_embed.grid_size
+        if new_grid != old_grid:
+            self.pos_embed = nn.Parameter(
+                resample_abs_pos_embed(
+                    self.pos_embed.detach(), new_size=list(new_grid), old_size=list(old_grid),
+                    num_prefix_tokens=self.num_pos_prefix_tokens,
+                ),
+                requires_grad=self.pos_embed.requires_grad,
+            )
+            self.trained_grid = self.trained_grid or old_grid
+            update_model_args(self, trained_grid=list(self.trained_grid))
+        self.set_grid_size(new_grid)
+        update_model_input_size(self, self.patch_embed.img_size)
+
+    def grid_size_of(self, x: Tensor) -> tuple[int, int]:
+        """Patch grid of an image batch: the built grid unless ``dynamic_img_size`` (``_embed`` checks)."""
+        if self.dynamic_img_size:
+            return self.patch_embed.feat_size((x.shape[-2], x.shape[-1]))
+        return self.patch_embed.grid_size
+
+    def _embed(self, x: Tensor, grid_size: tuple[int, int]) -> Tensor:
+        """Patch tokens (with the class token when ``sp_layers`` is 0) plus pos_embed, resampled to
+        ``grid_size`` when it is not the built grid (``dynamic_img_size``); other models check the
+        image size first."""
+        if not self.dynamic_img_size:
+            x = checked_images(x, self.patch_embed.grid_size, self.patch_embed.patch_size[0], self.patch_embed.img_size)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if self.sp_layers == 0:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        pos_embed = self.pos_embed
+        if grid_size != self.patch_embed.grid_size:
+            pos_embed = resample_abs_pos_embed(
+                pos_embed, new_size=list(grid_size), old_size=list(self.patch_embed.grid_size),
+                num_prefix_tokens=self.num_pos_prefix_tokens,
+            )
+        return self.pos_drop(x + pos_embed)
+
+    def _run_block(self, i: int, x: Tensor, grid_size: tuple[int, int], offset_scale: tuple[float, float]) -> Tensor:
+        """Block ``i`` on ``x``; the class token joins before block ``sp_layers``."""
+        if i == self.sp_layers and i > 0:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        block = self.blocks[i]
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(block, x, grid_size, offset_scale)
+        return block(x, grid_size, offset_scale)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Normalised tokens (B, 1 + n, C): the class token, then the patch tokens in row-major order."""
         grid_size = self.grid_size_of(x)
         offset_scale = prior_offset_scale(self.prior_resize, self.trained_grid, grid_size)
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        cls_token = self.cls_token.expand(x.shape[0], -1, -1)
-        if self.sp_layers == 0:
-            x = torch.cat([cls_token, x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
-        for i, block in enumerate(self.blocks):
-            if i == self.sp_layers and i > 0:
-                x = torch.cat([cls_token, x], dim=1)
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, grid_size, offset_scale)
-            else:
-                x = block(x, grid_size, offset_scale)
+        x = self._embed(x, grid_size)
+        for i in range(len(self.blocks)):
+            x = self._run_block(i, x, grid_size, offset_scale)
         return self.norm(x)
 
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Block outputs as timm's ViTs give them: ``indices`` (the last n blocks, or a list), patch
+        tokens as NCHW maps or NLC, the class token as the prefix (empty before it joins)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NLC'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        grid_size = self.grid_size_of(x)
+        offset_scale = prior_offset_scale(self.prior_resize, self.trained_grid, grid_size)
+        x = self._embed(x, grid_size)
+        last = len(self.blocks) - 1 if torch.jit.is_scripting() or not stop_early else max_index
+        intermediates, prefix_tokens = [], []
+        for i in range(last + 1):
+            x = self._run_block(i, x, grid_size, offset_scale)
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                prefix = self.blocks[i].num_prefix_tokens
+                prefix_tokens.append(y[:, :prefix])
+                tokens = y[:, prefix:]
+                if output_fmt == "NCHW":
+                    tokens = tokens.reshape(x.shape[0], grid_size[0], grid_size[1], -1).permute(0, 3, 1, 2).contiguous()
+                intermediates.append(tokens)
+        if not torch.jit.is_scripting() and return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the norm / heads if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def pool(self, x: Tensor) -> Tensor:
+        """``global_pool`` of ``forward_features`` tokens: the class token, the mean patch token, or all."""
+        if self.global_pool == "token":
+            return x[:, 0]
+        if self.global_pool == "avg":
+            return x[:, 1:].mean(dim=1)
+        return x
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Class logits from ``forward_features`` tokens; the class-token feature with ``pre_logits``."""
-        cls_feature = self.head_drop(x[:, 0])
+        """Logits from ``forward_features`` tokens: the pooled feature through ``head`` plus 0.5 * the
+        max over patch tokens of ``aux_head`` (per-token logits when ``global_pool=''``); the pooled
+        feature with ``pre_logits``."""
+        pooled = self.head_drop(self.pool(x))
         if pre_logits or self.num_classes == 0:
-            return cls_feature
-        cls_logits = self.head(cls_feature)
+            return pooled
+        logits = self.head(pooled)
+        if self.global_pool == "":
+            return logits
         token_logits = self.aux_head(self.head_drop(x[:, 1:]))
         if self.training and self.return_token_logits:
-            return cls_logits, token_logits
-        return cls_logits + AUX_LOGIT_WEIGHT * token_logits.amax(dim=1)
+            return logits, token_logits
+        return logits + AUX_LOGIT_WEIGHT * token_logits.amax(dim=1)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         return self.forward_head(self.forward_features(x))
+
+
+@register_notrace_function  # FX: one node whose output is used, so a traced model still checks
+def checked_images(x: Tensor, grid_size: tuple[int, int], patch_size: int, img_size: tuple[int, int]) -> Tensor:
+    """``x`` itself if the image batch gives the ``grid_size`` a model was built for (``img_size``, the
+    stem's patch size ``patch_size``); a clear error otherwise."""
+    height, width = x.shape[-2], x.shape[-1]
+    grid = stem_grid(height, width, patch_size)
+    if grid != tuple(grid_size):
+        raise ValueError(
+            f"input images {height}x{width} give a {grid[0]}x{grid[1]} patch grid, but the model was built for "
+            f"img_size={tuple(img_size)} ({grid_size[0]}x{grid_size[1]}); create it with img_size=({height}, {width}) "
+            "or dynamic_img_size=True"
+        )
+    return x
+
+
+def _check_global_pool(global_pool: str) -> None:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool={global_pool!r}: SP-ViT pools with one of {', '.join(map(repr, GLOBAL_POOLS))}")
 
 
 def _checkpoint_grid(model: SPViT, num_patch_tokens: int) -> tuple[int, int] | None:
@@ -533,7 +704,12 @@ def _create_spvit(variant: str, pretrained: bool = False, use_ema: bool = True, 
             variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
         )
     model = build_model_with_cfg(
-        SPViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+        SPViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=3, feature_cls="getter"),
+        **kwargs,
     )
     model.pretrained_cfg.pop("state_dict", None)  # the in-memory weights of use_ema=False, now loaded
     return model
