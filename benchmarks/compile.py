@@ -34,7 +34,7 @@ VARIANTS = [
 
 def graph_count(model: torch.nn.Module, images: torch.Tensor) -> int:
     """Graphs Dynamo makes of one inference forward (graph breaks + 1); traced only, nothing compiled."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     with torch.no_grad():
         return torch._dynamo.explain(model.eval())(images).graph_count
 
@@ -53,7 +53,7 @@ def measure(variant: Variant, args: argparse.Namespace, device: torch.device, bf
     train_images, labels = _batch(args.batch_size, device)
     infer_images = _batch(args.infer_batch_size, device)[0]
     graphs = graph_count(model, infer_images)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     rows = []
     for step_name, batch, step in (
         (f"inference b{args.infer_batch_size}", args.infer_batch_size, lambda m: infer_step(m, infer_images, bf16)),

@@ -73,7 +73,7 @@ def images(batch: int = 2, size: int = 32) -> torch.Tensor:
 def compile_and_compare(model: nn.Module, x: torch.Tensor, recorder: GraphRecorder) -> None:
     """Compile with fullgraph=True (a graph break raises), check the output and that no grid arithmetic
     (arange for offsets) is left in the graph: bucket ids and offsets of the built grid are buffers."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # e.g. Dynamo tracing through a cache wrapper
         compiled = torch.compile(model, fullgraph=True, backend=recorder)
@@ -103,7 +103,7 @@ def test_compiled_training_step_matches_eager_gradients():
         return {name: p.grad.clone() for name, p in model.named_parameters()}
 
     expected = grads(model)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     got = grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
     assert set(got) == set(expected)
     for name in expected:
@@ -116,7 +116,7 @@ def test_dynamic_image_sizes_compile_without_breaks():
     graph (plain tensor code), never with a graph break, matching eager on every size and batch."""
     model = irpe_model(dict(method="product", mode="ctx", rpe_on="qk"), dynamic_img_size=True)
     recorder = GraphRecorder()
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(model, fullgraph=True, backend=recorder)
     torch.testing.assert_close(compiled(images(2, 32)), model(images(2, 32)))
     assert len(recorder.graphs) == 1 and not any("arange" in op for op in recorder.ops())
@@ -131,7 +131,7 @@ def test_compiled_training_step_with_dynamic_sizes_matches_eager_gradients():
     """AOTAutograd through a grid other than the built one (ids computed in the graph)."""
     model = irpe_model(dict(method="product", mode="ctx", rpe_on="k"), dynamic_img_size=True).train()
     x, labels = images(2, 40), torch.tensor([0, 1])
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for module in (model, compiled):
         module.zero_grad(set_to_none=True)
@@ -206,7 +206,7 @@ def test_inductor_compile_matches_eager():
     """One real code-generating compile (inductor, CPU): iRPE contextual product on q, k, v."""
     model = irpe_model(dict(method="product", mode="ctx", rpe_on="qkv"))
     x = images()
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)

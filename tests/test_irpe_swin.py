@@ -135,7 +135,7 @@ def test_compiles_in_one_graph_and_exports():
     model = timm.create_model(NAME, **TINY).eval()
     _randomize_tables(model)
     with torch.no_grad():
-        torch._dynamo.reset()
+        torch.compiler.reset()
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(_images()), model(_images()))
         program = torch.export.export(model, (_images(),))
         torch.testing.assert_close(program.module()(_images()), model(_images()))

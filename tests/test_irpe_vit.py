@@ -146,7 +146,7 @@ def test_compiles_in_one_graph_and_exports(tmp_path):
         for name, param in model.named_parameters():
             if ".rpe_" in name:
                 param.normal_()
-        torch._dynamo.reset()
+        torch.compiler.reset()
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(_images()), model(_images()))
         program = torch.export.export(model, (_images(),))
         torch.testing.assert_close(program.module()(_images()), model(_images()))
