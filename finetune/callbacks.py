@@ -1,5 +1,5 @@
-"""Callbacks of the command line: the checkpoints of a fit, the summary printed at its end, the push to
-the Hub after it."""
+"""Callbacks of the command line: the progress bar, the checkpoints of a fit, the summary printed at its
+end, the push to the Hub after it."""
 
 from __future__ import annotations
 
@@ -10,14 +10,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from .errors import FinetuneError
 from .export import export_checkpoint
 from .record import SPLIT_NAMES, EvalMetrics
 from .upload import check_target, push_folder, report_push
 
-__all__ = ["CheckpointSettings", "checkpoint_callbacks", "RunSummary", "PushToHubCallback", "LAST_CHECKPOINT"]
+__all__ = [
+    "CheckpointSettings",
+    "checkpoint_callbacks",
+    "EpochProgressBar",
+    "RunSummary",
+    "PushToHubCallback",
+    "LAST_CHECKPOINT",
+]
 
 LAST_CHECKPOINT = "last"
 
@@ -65,6 +72,23 @@ def checkpoint_callbacks(dirpath: Path, settings: CheckpointSettings) -> list[Mo
         enable_version_counter=False,
     )
     return [best, last]
+
+
+class EpochProgressBar(RichProgressBar):
+    """Lightning's rich progress bar with the epoch counted from 1: ``Epoch 1/1`` for a one-epoch run,
+    where Lightning shows the 0-based index over the last index (``Epoch 0/0``)."""
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.progress is None or self.train_progress_bar_id is None:
+            return
+        text = f"Epoch {trainer.current_epoch + 1}"
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:  # -1: no end
+            text += f"/{trainer.max_epochs}"
+        text = f"{text:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
+        style = self.theme.description
+        self.progress.update(self.train_progress_bar_id, description=f"[{style}]{text}" if style else text)
+        self.refresh()
 
 
 def describe(metrics: EvalMetrics | None) -> str:

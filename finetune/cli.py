@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentError
 from lightning import Callback, Trainer
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -45,6 +44,7 @@ from datamodules import DataError
 from .callbacks import (
     LAST_CHECKPOINT,
     CheckpointSettings,
+    EpochProgressBar,
     PushToHubCallback,
     RunSummary,
     checkpoint_callbacks,
@@ -193,7 +193,7 @@ class FinetuneCLI(LightningCLI):
         # Rich progress bar unless the run turns progress bars off (Lightning refuses both at once).
         callbacks: list[Callback] = [RunSummary()]
         if trainer_config.get("enable_progress_bar") is not False:
-            callbacks.insert(0, RichProgressBar())
+            callbacks.insert(0, EpochProgressBar())
         if self.subcommand == "fit":
             history = training_history(run_dir)
             if ckpt_path is None and history:

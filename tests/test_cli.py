@@ -17,12 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY_MODEL, folder_state, read_metrics, tiny_fit_args
+from conftest import TINY_MODEL, ImageTensors, folder_state, read_metrics, tiny_classifier, tiny_fit_args
 from data_builders import build_cub, truncate_file
+from lightning import Callback
 
+from finetune.callbacks import EpochProgressBar
 from finetune.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from finetune.cli import EXTRA_COMMANDS, available_recipes, main, run_cli
 
@@ -783,3 +786,27 @@ def test_ddp_on_two_cpu_processes_reports_the_same_metrics_on_both_ranks(synthet
     assert {"test/top1", "test/top5", "test/mean_class_acc"} <= set(rank0)
     assert rank0 == pytest.approx(rank1)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+class RecordTrainDescription(Callback):
+    """Records the training progress bar's description at every training batch."""
+
+    def __init__(self) -> None:
+        self.descriptions: list[str] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.descriptions.append(trainer.progress_bar_callback.train_progress_bar.description)
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_the_progress_bar_counts_epochs_from_one(tmp_path: Path, epochs: int):
+    record = RecordTrainDescription()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=epochs, limit_train_batches=1, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[EpochProgressBar(), record],
+    )  # fmt: skip
+    trainer.fit(tiny_classifier(), datamodule=ImageTensors())
+    assert [d.split("]")[-1].strip() for d in record.descriptions] == [
+        f"Epoch {e}/{epochs}" for e in range(1, epochs + 1)
+    ]
