@@ -18,7 +18,8 @@ Wiring decisions:
 - The run folder (``--run_dir``, recipes set ``runs/<recipe>``) keeps its whole history
   (:mod:`finetune.run_folder`): ``fit`` logs to it and a resume appends; ``validate``, ``test`` and
   ``predict`` write ``<run_dir>/<command>/version_N/``; a command that fails on bad input takes back
-  what it created.
+  what it created. W&B and MLflow loggers (``--trainer.logger WandbLogger`` / ``MLFlowLogger``) keep
+  their files in the run folder too (:mod:`finetune.tracking`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from jsonargparse import ArgumentError
 from lightning import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import datamodules  # noqa: F401  (imported so that --data accepts short class names: --data.help CUB200DataModule)
@@ -55,12 +57,14 @@ from .module import ImageClassifier
 from .predict import ImagePaths, ImagePathsDataModule, PredictionWriter, list_images
 from .record import CheckpointRecord
 from .run_folder import (
+    CommandConfig,
     CreatedFilesGuard,
     HistoryCSVLogger,
     next_config_name,
     next_version_dir,
     training_history,
 )
+from .tracking import finish_tracker_runs, place_trackers
 from .weights import read_checkpoint
 
 __all__ = ["main", "FinetuneCLI", "EXTRA_COMMANDS", "RECIPES_DIR", "UsageError", "resolve_recipe", "run_cli"]
@@ -183,8 +187,14 @@ class FinetuneCLI(LightningCLI):
             )
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand is not None:
-            self.guard.watch(self._get(self.config, "run_dir"))
+        if self.subcommand is None:
+            return
+        run_dir = Path(self._get(self.config, "run_dir"))
+        self.guard.watch(run_dir)
+        logger_config = self._get(self.config, "trainer").get("logger")
+        if logger_config not in (None, True, False):
+            for note in place_trackers(logger_config, run_dir):
+                rank_zero_info(note)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -210,7 +220,11 @@ class FinetuneCLI(LightningCLI):
                 kwargs["num_sanity_val_steps"] = 0
         else:
             self.log_dir = next_version_dir(run_dir / str(self.subcommand))
-        self.save_config_kwargs = {"config_filename": next_config_name(self.log_dir), "overwrite": False}
+        self.save_config_kwargs = {
+            "folder": self.log_dir,
+            "config_filename": next_config_name(self.log_dir),
+            "overwrite": False,
+        }
         self.trainer_defaults["callbacks"] = callbacks
         if trainer_config.get("logger") in (None, True):
             loggers: list[Logger] = [HistoryCSVLogger(self.log_dir)]
@@ -283,14 +297,18 @@ def run_cli(argv: Sequence[str], guard: CreatedFilesGuard | None = None) -> Fine
     """Parse ``argv`` (recipes expanded) and run the subcommand; errors propagate."""
     # argv is always passed explicitly (expanded), which Lightning warns about when sys.argv also has args.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    return FinetuneCLI(
-        ImageClassifier,
-        None,
-        args=expand_recipe(argv),
-        parser_kwargs=_parser_kwargs(),
-        auto_configure_optimizers=False,
-        guard=guard,
-    )
+    try:
+        return FinetuneCLI(
+            ImageClassifier,
+            None,
+            save_config_callback=CommandConfig,
+            args=expand_recipe(argv),
+            parser_kwargs=_parser_kwargs(),
+            auto_configure_optimizers=False,
+            guard=guard,
+        )
+    finally:
+        finish_tracker_runs()
 
 
 def _raised_by(package: str, error: BaseException) -> bool:

@@ -600,8 +600,8 @@ class ImageClassifier(L.LightningModule):
         self.measured = measured
         if name == "val" and (self.best_metrics is None or measured.top1 > self.best_metrics.top1):
             self.best_metrics = measured
-        # trainer.log_dir broadcasts from rank 0: every rank must ask, before the rank-0-only plot.
-        self._save_confusion_matrix(values["confusion"], name, self.trainer.log_dir)
+        # the run's own folder (the CLI's run_dir or command folder), whatever loggers the run has
+        self._save_confusion_matrix(values["confusion"], name, self.trainer.default_root_dir)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
@@ -610,9 +610,7 @@ class ImageClassifier(L.LightningModule):
         self._eval_epoch_end("test")
 
     @rank_zero_only
-    def _save_confusion_matrix(self, confusion: Tensor, split: str, log_dir: str | None) -> None:
-        if log_dir is None:
-            return
+    def _save_confusion_matrix(self, confusion: Tensor, split: str, folder: str) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -630,8 +628,8 @@ class ImageClassifier(L.LightningModule):
         ax.set_title(f"{SPLIT_NAMES[split]}: confusion matrix (row-normalised), epoch {self.current_epoch}", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
         fig.tight_layout()
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        fig.savefig(Path(log_dir) / f"confusion_matrix_{split}.png", dpi=100)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fig.savefig(Path(folder) / f"confusion_matrix_{split}.png", dpi=100)
         plt.close(fig)
 
     # ------------------------------------------------------------------ checkpoints

@@ -164,10 +164,10 @@ class PredictionWriter(BasePredictionWriter):
             gathered: list[Any] = [None] * trainer.world_size
             dist.all_gather_object(gathered, records)
             records = [record for part in gathered for record in part]
-        log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must take part
         if trainer.is_global_zero:
             unique = {record["path"]: record for record in records}  # DistributedSampler pads with repeats
-            out = Path(self.output).expanduser() if self.output else Path(log_dir or ".") / "predictions.csv"
+            folder = Path(trainer.default_root_dir)  # the command's own folder, whatever loggers it has
+            out = Path(self.output).expanduser() if self.output else folder / "predictions.csv"
             out = write_predictions([unique[path] for path in sorted(unique)], out)
             print(f"wrote {len(unique)} predictions to {out}")
         self.records = []

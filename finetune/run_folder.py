@@ -25,12 +25,15 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
+from lightning import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
 __all__ = [
     "HistoryCSVLogger",
+    "CommandConfig",
     "CreatedFilesGuard",
     "training_history",
     "next_version_dir",
@@ -119,6 +122,35 @@ class HistoryCSVLogger(Logger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self.save()
+
+
+class CommandConfig(SaveConfigCallback):
+    """Saves a command's config as ``folder/config_filename`` (the run folder for ``fit``, the command's
+    ``version_N`` folder otherwise), whatever loggers the run has: Lightning saves it in the first logger's
+    folder, which for W&B is the run folder of every command and for MLflow's database none."""
+
+    def __init__(
+        self,
+        parser: LightningArgumentParser,
+        config: Namespace,
+        folder: str | Path = ".",
+        config_filename: str = "config.yaml",
+        overwrite: bool = False,
+        multifile: bool = False,
+    ) -> None:
+        super().__init__(parser, config, config_filename, overwrite, multifile, save_to_log_dir=False)
+        self.folder = Path(folder)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Called on rank 0 only."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(
+            self.config,
+            str(self.folder / self.config_filename),
+            skip_none=False,
+            overwrite=self.overwrite,
+            multifile=self.multifile,
+        )
 
 
 def training_history(run_dir: Path) -> list[Path]:

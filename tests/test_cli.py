@@ -810,3 +810,78 @@ def test_the_progress_bar_counts_epochs_from_one(tmp_path: Path, epochs: int):
     assert [d.split("]")[-1].strip() for d in record.descriptions] == [
         f"Epoch {e}/{epochs}" for e in range(1, epochs + 1)
     ]
+
+
+# ----------------------------------------------------------------------------- W&B and MLflow in the run folder
+def _tracker_config(folder: Path) -> Path:
+    """A YAML config adding both trackers with Lightning's defaults (what a user writes)."""
+    path = folder / "trackers.yaml"
+    path.write_text(
+        "trainer:\n  logger:\n    - class_path: WandbLogger\n    - class_path: MLFlowLogger\n"
+        "      init_args: {experiment_name: tiny}\n"
+    )
+    return path
+
+
+def _mlflow_runs(run_dir: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.slow
+def test_wandb_and_mlflow_log_into_the_run_folder_and_keep_every_command(synthetic_cub, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no `wandb login` (~/.netrc) either: offline
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # nothing may land in the working folder
+    run_dir = tmp_path / "run"
+    config = _tracker_config(tmp_path)
+    args = [*tiny_fit_args(synthetic_cub, run_dir, epochs=1), "--config", str(config)]
+    assert main(["fit", *args]) == 0
+    fit_files = folder_state(run_dir)
+    assert len(list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    (fit_run,) = _mlflow_runs(run_dir)
+    assert "test/top1" in fit_run.data.metrics and "train/loss_step" in fit_run.data.metrics
+    assert (run_dir / "confusion_matrix_test.png").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+    ckpt = ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
+    assert main(["validate", *args, *ckpt]) == 0
+    assert len(list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))) == 2  # a new run, the fit's kept
+    runs = _mlflow_runs(run_dir)
+    assert [r.info.run_id for r in runs][0] == fit_run.info.run_id and len(runs) == 2
+    assert "test/top1" in runs[1].data.metrics
+    assert (run_dir / "validate" / "version_0" / "confusion_matrix_test.png").is_file()
+    kept = folder_state(run_dir)
+    assert {k: kept[k] for k in fit_files if k.endswith((".ckpt", ".png", ".wandb"))} == {
+        k: v for k, v in fit_files.items() if k.endswith((".ckpt", ".png", ".wandb"))
+    }
+
+
+def test_a_tracker_that_is_not_installed_is_one_line_exit_2_and_writes_nothing(synthetic_cub, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if the extra were not installed
+    run_dir = tmp_path / "run"
+    args = [*tiny_fit_args(synthetic_cub, run_dir, epochs=1), "--trainer.logger", "WandbLogger"]
+    assert main(["fit", *args]) == 2
+    assert one_line_error(capsys) == (
+        "error: --trainer.logger WandbLogger needs the wandb package: pip install 'rpe-finetune[wandb]'"
+    )
+    assert not run_dir.exists()
+
+
+def test_a_failed_command_with_mlflow_takes_back_its_database(synthetic_cub, tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("kept")
+    bad = [*tiny_fit_args("/no/such/CUB", run_dir, epochs=1), "--config", str(_tracker_config(tmp_path))]
+    assert main(["fit", *bad]) == 2
+    one_line_error(capsys)
+    assert folder_state(run_dir) == {"notes.txt": folder_state(run_dir)["notes.txt"]}
