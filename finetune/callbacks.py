@@ -145,10 +145,7 @@ class RunSummary(Callback):
         )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or trainer.interrupted:
-            return
-        log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must take part
-        if not trainer.is_global_zero:
+        if stage != "fit" or trainer.interrupted or not trainer.is_global_zero:
             return
         from rich.table import Table
 
@@ -161,7 +158,7 @@ class RunSummary(Callback):
             table.add_row("best checkpoint", selecting[0].best_model_path or "n/a")
         last = Path(trainer.checkpoint_callback.dirpath or ".") / f"{LAST_CHECKPOINT}.ckpt" if trainer.checkpoint_callback else None
         table.add_row("last checkpoint", str(last) if last is not None and last.is_file() else "n/a")
-        table.add_row("log dir", str(log_dir))
+        table.add_row("run folder", str(trainer.default_root_dir))  # the CLI's run_dir (W&B / MLflow: inside)
         table.add_row("wall time", f"{time.perf_counter() - self.start:.1f} s")
         if self.train_seconds > 0:
             table.add_row("training speed", f"{self.images / self.train_seconds:.1f} images/s (this process)")
