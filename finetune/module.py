@@ -36,6 +36,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -105,8 +106,14 @@ class ImageClassifier(L.LightningModule):
             saved in this model's checkpoints. ``None`` = no distillation.
         distillation: ``soft`` (KL at temperature ``distillation_tau``) or ``hard`` (teacher's top class).
         distillation_alpha: weight of the distillation term; the classification loss gets ``1 - alpha``.
-        tta: test-time augmentation for ``test`` and ``predict``: ``flip`` averages the logits (and
-            embeddings) of each image and its mirror image; ``none`` = the image alone.
+        tta: test-time augmentation for ``test`` and ``predict``: the softmax probabilities (and the
+            embeddings) of several views of each evaluation image are averaged, and the logits reported are
+            their log (``softmax`` of them gives the averaged probabilities back). ``flip``: the image and
+            its mirror image; ``five_crop``: crops of ``tta_crop_pct`` of the image's height and width at
+            its four corners and its centre, each resized back to the input size (torchvision's
+            ``five_crop``); ``ten_crop``: those five and their mirror images (``ten_crop``); ``none``:
+            the image alone, logits as they are.
+        tta_crop_pct: side of the ``five_crop`` / ``ten_crop`` crops, as a fraction of the image's.
         ema: keep an exponential moving average of the weights; validation and test then use it.
         compile: ``torch.compile`` the model (in place, so checkpoint keys do not change).
         channels_last: convert model and inputs to channels-last (helps convnets on GPU).
@@ -146,7 +153,8 @@ class ImageClassifier(L.LightningModule):
         distillation: DistillationKind = "soft",
         distillation_alpha: float = 0.5,
         distillation_tau: float = 1.0,
-        tta: Literal["none", "flip"] = "none",
+        tta: Literal["none", "flip", "five_crop", "ten_crop"] = "none",
+        tta_crop_pct: float = 0.875,
         ema: bool = False,
         ema_decay: float = 0.9998,
         compile: bool = False,
@@ -173,6 +181,8 @@ class ImageClassifier(L.LightningModule):
             raise FinetuneConfigError(
                 f"model.base_batch_size={base_batch_size!r}: expected a positive integer or null"
             )
+        if not 0.0 < tta_crop_pct <= 1.0:
+            raise FinetuneConfigError(f"model.tta_crop_pct={tta_crop_pct!r}: expected a fraction in (0, 1]")
         if eval_crop_pct is not None and not 0.0 < eval_crop_pct <= 1.0:
             raise FinetuneConfigError(f"model.eval_crop_pct={eval_crop_pct!r}: expected a fraction in (0, 1]")
         self.model = _create_model(model_name, pretrained, model_kwargs or {})
@@ -539,21 +549,40 @@ class ImageClassifier(L.LightningModule):
     def _loss_weights(self) -> Tensor | None:
         return None if self.loss_weights is None else self.loss_weights.to(self.device)
 
+    def tta_views(self, x: Tensor) -> list[Tensor]:
+        """The views of a batch of evaluation images that ``model.tta`` averages over (see the class doc)."""
+        tta = self.hparams.tta
+        if tta == "flip":
+            return [x, x.flip(-1)]
+        if tta in ("five_crop", "ten_crop"):
+            height, width = x.shape[-2:]
+            pct = self.hparams.tta_crop_pct
+            size = [max(1, round(height * pct)), max(1, round(width * pct))]
+            crops = TF.ten_crop(x, size) if tta == "ten_crop" else TF.five_crop(x, size)
+            mode = "bicubic" if self.data_config["interpolation"] == "bicubic" else "bilinear"
+            return [F.interpolate(crop, size=(height, width), mode=mode, align_corners=False) for crop in crops]
+        return [x]
+
     def _eval_outputs(self, x: Tensor, tta: bool, embeddings: bool) -> tuple[Tensor, Tensor | None]:
-        """Logits (and pre-logits embeddings) of the evaluation net, averaged over the TTA views."""
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        """Logits (and pre-logits embeddings) of the evaluation net; with TTA, the log of the softmax
+        probabilities averaged over the views (and the mean embedding)."""
         net = self._eval_net()
-        views = [x, x.flip(-1)] if tta and self.hparams.tta == "flip" else [x]
+        views = self.tta_views(x) if tta else [x]
         logits, embeds = [], []
         for view in views:
+            if self.hparams.channels_last:
+                view = view.contiguous(memory_format=torch.channels_last)
             if embeddings:
                 features = net.forward_features(view)
                 logits.append(net.forward_head(features))
                 embeds.append(net.forward_head(features, pre_logits=True))
             else:
                 logits.append(net(view))  # forward itself: what model.compile compiled
-        return torch.stack(logits).mean(0), torch.stack(embeds).mean(0) if embeddings else None
+        embedding = torch.stack(embeds).mean(0) if embeddings else None
+        if len(logits) == 1:
+            return logits[0], embedding
+        probabilities = torch.stack(logits).float().softmax(-1).mean(0)
+        return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log(), embedding  # no -inf
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
         x, y = batch

@@ -13,8 +13,9 @@ follows the suffix of ``output``:
   (``pip install 'rpe-finetune[parquet]'``).
 
 Scores are softmax probabilities; embeddings are the model's pre-logits features
-(``forward_head(..., pre_logits=True)``). With ``model.tta flip`` both are averaged over the image
-and its mirror image. Rows are sorted by path; under DDP they are gathered on rank 0.
+(``forward_head(..., pre_logits=True)``). With ``model.tta`` (``flip``, ``five_crop``, ``ten_crop``)
+both are averaged over the views of each image, and the logits written are the log of the averaged
+probabilities. Rows are sorted by path; under DDP they are gathered on rank 0.
 """
 
 from __future__ import annotations

@@ -398,9 +398,9 @@ def test_predict_writes_top5_names_and_scores(fitted: Path, synthetic_cub: Path,
 
 
 # ----------------------------------------------------------------------------- recipes
-@pytest.mark.parametrize("suffix", [".json", ".parquet", ".csv"])
-def test_predict_top_k_logits_embeddings_and_flip_tta_in_each_format(
-    fitted: Path, synthetic_cub: Path, tmp_path: Path, suffix: str
+@pytest.mark.parametrize(("suffix", "tta"), [(".json", "flip"), (".parquet", "five_crop"), (".csv", "ten_crop")])
+def test_predict_top_k_logits_embeddings_and_tta_in_each_format(
+    fitted: Path, synthetic_cub: Path, tmp_path: Path, suffix: str, tta: str
 ):
     out = tmp_path / f"preds{suffix}"
     images = synthetic_cub / "CUB_200_2011" / "images" / "003.Red_headed_Three_Pillared_Long_tailed"
@@ -409,7 +409,7 @@ def test_predict_top_k_logits_embeddings_and_flip_tta_in_each_format(
             "predict",
             *tiny_fit_args(synthetic_cub, tmp_path / "p"),
             "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt"),
-            "--model.tta", "flip",
+            "--model.tta", tta,
             "--prediction.inputs", f"[{images}]",
             "--prediction.output", str(out),
             "--prediction.top_k", "2",

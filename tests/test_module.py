@@ -392,13 +392,45 @@ def test_freeze_then_unfreeze_needs_an_unfreeze_epoch():
         tiny_classifier(finetune_strategy="freeze_then_unfreeze")
 
 
-def test_flip_tta_averages_the_image_and_its_mirror_for_test_and_predict():
-    model = tiny_classifier(tta="flip").eval()
+def _corners_and_centre(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Top-left, top-right, bottom-left, bottom-right and centre crops of a square batch, by slicing."""
+    side, offset = x.shape[-1], (x.shape[-1] - size) // 2
+    return [
+        x[..., :size, :size],
+        x[..., :size, side - size :],
+        x[..., side - size :, :size],
+        x[..., side - size :, side - size :],
+        x[..., offset : offset + size, offset : offset + size],
+    ]
+
+
+@pytest.mark.parametrize("tta", ["flip", "five_crop", "ten_crop"])
+def test_tta_averages_the_probabilities_of_the_views_for_test_and_predict(tta: str):
+    model = tiny_classifier(tta=tta, tta_crop_pct=0.75).eval()
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    if tta == "flip":
+        views = [x, x.flip(-1)]
+    else:  # 24 px crops (0.75 of 32) resized back to the model's 32 px, as bicubic as the model's data config
+        crops = _corners_and_centre(x, 24)
+        crops += _corners_and_centre(x.flip(-1), 24) if tta == "ten_crop" else []  # and of the mirror image
+        views = [torch.nn.functional.interpolate(c, size=(32, 32), mode="bicubic") for c in crops]
+    assert len(views) == {"flip": 2, "five_crop": 5, "ten_crop": 10}[tta]
     with torch.no_grad():
-        expected = (model.model(x) + model.model(x.flip(-1))) / 2
+        view_logits = [model.model(v) for v in views]
+        # a position-dependent model: every view gives other outputs, so each one counts in the mean
+        assert all(not torch.allclose(a, b) for i, a in enumerate(view_logits) for b in view_logits[i + 1 :])
+        expected = torch.stack(view_logits).softmax(-1).mean(0)
         logits, _ = model._eval_outputs(x, tta=True, embeddings=False)
-        torch.testing.assert_close(logits, expected)
-        torch.testing.assert_close(model.predict_step((x,), 0)["logits"], expected)
+        torch.testing.assert_close(logits.softmax(-1), expected)
+        torch.testing.assert_close(logits, expected.log())
+        torch.testing.assert_close(model.predict_step((x,), 0)["logits"], expected.log())
+        _, embeddings = model._eval_outputs(x, tta=True, embeddings=True)
+        features = [model.model.forward_head(model.model.forward_features(v), pre_logits=True) for v in views]
+        torch.testing.assert_close(embeddings, torch.stack(features).mean(0))
         plain, _ = model._eval_outputs(x, tta=False, embeddings=False)  # validation: no TTA
         torch.testing.assert_close(plain, model.model(x))
+
+
+def test_tta_crop_pct_must_be_a_fraction():
+    with pytest.raises(FinetuneConfigError, match=r"model.tta_crop_pct=1.5: expected a fraction in \(0, 1\]"):
+        tiny_classifier(tta="five_crop", tta_crop_pct=1.5)
