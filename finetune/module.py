@@ -45,12 +45,15 @@ from timm.layers import to_2tuple
 from timm.scheduler.scheduler import Scheduler as TimmScheduler
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 import finetune  # noqa: F401  (registers the iRPE / SP-ViT backbones with timm)
 from datamodules.machine import CpuThreads
 from finetune.distillation import DistillationKind, distillation_loss
+from finetune.ema import ShardedEma
 from finetune.errors import FinetuneError
 from finetune.optim import build_schedule, global_batch_size, loader_batch_size, plan_param_groups
 from finetune.record import SPLIT_NAMES, CheckpointRecord, EvalMetrics, plain
@@ -114,7 +117,9 @@ class ImageClassifier(L.LightningModule):
             ``five_crop``); ``ten_crop``: those five and their mirror images (``ten_crop``); ``none``:
             the image alone, logits as they are.
         tta_crop_pct: side of the ``five_crop`` / ``ten_crop`` crops, as a fraction of the image's.
-        ema: keep an exponential moving average of the weights; validation and test then use it.
+        ema: keep an exponential moving average of the weights; validation and test then use it. Under
+            FSDP it is the average of each process's shards (``finetune.ema``); checkpoints hold the full
+            averaged weights all the same.
         compile: ``torch.compile`` the model (in place, so checkpoint keys do not change).
         channels_last: convert model and inputs to channels-last (helps convnets on GPU).
         dataset_name: name recorded in the checkpoint; default: the datamodule class name.
@@ -194,6 +199,8 @@ class ImageClassifier(L.LightningModule):
         self.num_classes: int | None = None
         self.class_names: list[str] | None = None
         self.ema: ModelEmaV3 | None = None
+        self.sharded_ema: ShardedEma | None = None  # the EMA under FSDP, in place of ema (see _fsdp_ema)
+        self.fsdp_eval_nets: tuple[nn.Module, ...] = ()  # its gathered weights while evaluating (not a submodule)
         self.mixup_fn: Mixup | None = None
         self.config_yaml: str | None = None  # the run's full config, set by the CLI
         self.validation_split = "val"  # "test" when the datamodule validates on its official test split
@@ -283,6 +290,77 @@ class ImageClassifier(L.LightningModule):
             self.loss_weights = _balanced_class_weights(datamodule)
         if self.hparams.compile and self.num_classes is not None:
             self.model.compile()
+        if self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            # A full copy would not be sharded like the model (FSDP would flatten it into the module's own
+            # shards): the EMA of the shards (finetune.ema) replaces it once the model is sharded. The
+            # checkpoints' ema.module.* keys have no module to load into: _fsdp_ema reads them itself.
+            # Evaluation gathers the averages into an unsharded copy (_use_fsdp_ema).
+            self.ema = None
+            self.strict_loading = False
+
+    # ------------------------------------------------------------------ EMA under FSDP
+    def _fsdp_ema(self) -> ShardedEma | None:
+        """Under FSDP with ``model.ema``: the EMA of this process's shards, created on first use (after the
+        model is sharded and a checkpoint restored), from the checkpoint's EMA weights when it has them."""
+        if not self.hparams.ema or not isinstance(self.trainer.strategy, FSDPStrategy):
+            return None
+        if self.sharded_ema is None:
+            self.sharded_ema = ShardedEma(self.model, self.hparams.ema_decay)
+            if self.trainer.ckpt_path:
+                self._load_sharded_ema(self.trainer.ckpt_path)
+        return self.sharded_ema
+
+    def _load_sharded_ema(self, path: str | Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+        prefix = "ema.module."
+        averaged = {f"model.{k[len(prefix):]}": v for k, v in state.items() if k.startswith(prefix)}
+        if not averaged:  # a checkpoint without EMA: the average starts from its weights
+            return
+        root = self.trainer.strategy.model
+        with self.sharded_ema.applied(), FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT):
+            root.load_state_dict(averaged, strict=False)  # collective: every rank loads its shards
+            self.sharded_ema.take_current()
+
+    def _gather_fsdp_ema(self) -> dict[str, Tensor]:
+        """The full averaged weights, as ``self.model.state_dict()`` names them, on every rank (collective)."""
+        root = self.trainer.strategy.model
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=False)
+        with self.sharded_ema.applied(), FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
+            state = root.state_dict()
+        prefix = "model."
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    def _use_fsdp_ema(self, use: bool) -> None:
+        """Under FSDP with ``model.ema``, an evaluation epoch runs an unsharded model holding the gathered
+        averages (created at its start, dropped at its end), as an unsharded run evaluates its EMA copy."""
+        if self._fsdp_ema() is None:
+            return
+        self.fsdp_eval_nets = ()
+        if not use:
+            return
+        h = self.hparams
+        net = _create_model(h.model_name, False, h.model_kwargs or {})
+        if net.num_classes != self.num_classes:
+            net.reset_classifier(self.num_classes)
+        net.load_state_dict(self._gather_fsdp_ema())
+        if h.channels_last:
+            net.to(memory_format=torch.channels_last)
+        self.fsdp_eval_nets = (net.to(self.device).requires_grad_(False).eval(),)
+
+    def on_train_start(self) -> None:
+        self._fsdp_ema()
+
+    def on_validation_epoch_start(self) -> None:
+        self._use_fsdp_ema(True)
+
+    def on_test_epoch_start(self) -> None:
+        self._use_fsdp_ema(True)
+
+    def on_predict_epoch_start(self) -> None:
+        self._use_fsdp_ema(True)
+
+    def on_predict_epoch_end(self) -> None:
+        self._use_fsdp_ema(False)
 
     def _check_fit_settings(self, datamodule: Any) -> None:
         """Settings that cannot train, refused before anything is trained or written."""
@@ -314,11 +392,6 @@ class ImageClassifier(L.LightningModule):
             raise FinetuneConfigError(
                 "freeze_then_unfreeze under DDP leaves the backbone without gradients while frozen; "
                 "use --trainer.strategy ddp_find_unused_parameters_true"
-            )
-        if self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            raise FinetuneConfigError(
-                "model.ema under FSDP is not supported (the EMA copy would not be sharded like the model); "
-                "set model.ema false or use --trainer.strategy ddp"
             )
         for teacher in self.teacher_nets:
             teacher.to(self.device).eval()
@@ -482,6 +555,8 @@ class ImageClassifier(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step + 1)
+        if self.sharded_ema is not None:
+            self.sharded_ema.update(step=self.global_step + 1)
 
     # ------------------------------------------------------------------ steps
     def forward(self, x: Tensor) -> Tensor:
@@ -490,6 +565,8 @@ class ImageClassifier(L.LightningModule):
         return self.model(x)
 
     def _eval_net(self) -> nn.Module:
+        if self.fsdp_eval_nets:
+            return self.fsdp_eval_nets[0]
         return self.ema.module if self.ema is not None else self.model
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -634,9 +711,11 @@ class ImageClassifier(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
+        self._use_fsdp_ema(False)  # before the callbacks' on_validation_end saves checkpoints
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+        self._use_fsdp_ema(False)
 
     @rank_zero_only
     def _save_confusion_matrix(self, confusion: Tensor, split: str, folder: str) -> None:
@@ -700,6 +779,12 @@ class ImageClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CheckpointRecord.KEY] = self.checkpoint_record().to_dict()
         checkpoint["rng_states"] = _rng_states()
+        if self.sharded_ema is not None:
+            self._add_sharded_ema(checkpoint)
+
+    def _add_sharded_ema(self, checkpoint: dict[str, Any]) -> None:
+        """The full EMA weights under ``ema.module.*``, as an unsharded run writes them (collective)."""
+        checkpoint["state_dict"].update({f"ema.module.{k}": v for k, v in self._gather_fsdp_ema().items()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record = CheckpointRecord.from_checkpoint(checkpoint, "--ckpt_path")

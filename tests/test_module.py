@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 import os
@@ -16,9 +17,12 @@ import torch.distributed as dist
 from conftest import TINY, ImageTensors, StopAfterEpochs, tiny_classifier
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from timm.optim import param_groups_layer_decay
+from timm.utils import ModelEmaV3
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import StateDictType
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from finetune.ema import ShardedEma
 from finetune.module import FinetuneConfigError, ImageClassifier
 from finetune.optim import no_weight_decay_names
 from finetune.weights import WeightsError
@@ -106,10 +110,66 @@ def _fsdp_weight_decay_rank(rank: int, port: int) -> None:
 
 @pytest.mark.slow
 def test_weight_decay_survives_fsdp_flattening_on_two_cpu_processes():
+    torch.multiprocessing.spawn(_fsdp_weight_decay_rank, args=(_free_port(),), nprocs=2)
+
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_fsdp_weight_decay_rank, args=(port,), nprocs=2)
+        return s.getsockname()[1]
+
+
+def _fsdp_ema_rank(rank: int, port: int) -> None:
+    """On each of two processes: a tiny model under FSDP and the same model unsharded, trained by the same SGD
+    steps on the same batch (FSDP averages the two ranks' equal gradients); the EMA of the shards must be the
+    shard of timm's EMA of the whole model."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model("irpe_deit_tiny_patch16_224", **TINY, num_classes=4)
+        reference = copy.deepcopy(model)
+        reference_ema = ModelEmaV3(reference, decay=0.9, use_warmup=True)
+        sharded = FSDP(
+            model, use_orig_params=True, device_id=torch.device("cpu"),
+            auto_wrap_policy=ModuleWrapPolicy({type(model.blocks[0])}),
+        )  # fmt: skip
+        ema = ShardedEma(sharded, decay=0.9)
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        y = torch.tensor([0, 1, 2, 3])
+        for net in (sharded, reference):
+            optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+            for step in range(1, 4):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+                optimizer.step()
+                if net is sharded:
+                    ema.update(step)
+                else:
+                    reference_ema.update(reference, step=step)
+        def full_state() -> dict[str, torch.Tensor]:
+            with FSDP.state_dict_type(sharded, StateDictType.FULL_STATE_DICT):
+                return sharded.state_dict()
+
+        trained = full_state()
+        with ema.applied():
+            averaged = full_state()
+        restored = full_state()
+        with torch.no_grad():  # the model trains on with its own weights, not the averages just gathered
+            torch.testing.assert_close(sharded.eval()(x), reference.eval()(x))
+        for name, value in reference_ema.module.state_dict().items():
+            torch.testing.assert_close(averaged[name], value, msg=name)
+            torch.testing.assert_close(restored[name], trained[name], msg=name)  # trained weights back
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(trained[name], value, msg=name)
+        assert not torch.allclose(averaged["head.weight"], trained["head.weight"])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ema_of_fsdp_shards_is_timms_ema_of_the_whole_model_on_two_cpu_processes():
+    torch.multiprocessing.spawn(_fsdp_ema_rank, args=(_free_port(),), nprocs=2)
 
 
 def test_layer_decay_matches_timm_scales_baked_into_lr():
