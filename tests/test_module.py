@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import math
 import os
 import socket
@@ -15,7 +16,8 @@ import timm
 import torch
 import torch.distributed as dist
 from conftest import TINY, ImageTensors, StopAfterEpochs, tiny_classifier
-from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -170,6 +172,64 @@ def _fsdp_ema_rank(rank: int, port: int) -> None:
 @pytest.mark.slow
 def test_ema_of_fsdp_shards_is_timms_ema_of_the_whole_model_on_two_cpu_processes():
     torch.multiprocessing.spawn(_fsdp_ema_rank, args=(_free_port(),), nprocs=2)
+
+
+class CpuFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy, which accepts only GPUs as such: a subclass runs on CPU processes (gloo)."""
+
+
+class CpuShardedClassifier(ImageClassifier):
+    """Wraps its timm model in FSDP on the CPU (Lightning's own wrapping asks for a GPU), blocks as units."""
+
+    def configure_model(self) -> None:
+        if not isinstance(self.model, FSDP):
+            self.model = FSDP(
+                self.model, use_orig_params=True, device_id=torch.device("cpu"),
+                auto_wrap_policy=ModuleWrapPolicy({type(self.model.blocks[0])}),
+            )  # fmt: skip
+
+
+def _lightning_fsdp_ema_rank(rank: int, port: int, folder: str) -> None:
+    """fit with EMA under Lightning's FSDPStrategy on two CPU processes, then validate its checkpoint under FSDP;
+    rank 0 writes the last validation of each to ``folder``."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE="2"
+    )  # processes started here: Lightning launches none
+
+    def trainer(**kwargs) -> L.Trainer:
+        return L.Trainer(
+            accelerator="cpu", devices=2, strategy=CpuFSDPStrategy(process_group_backend="gloo"), logger=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs,
+        )  # fmt: skip
+
+    settings = dict(model_name="irpe_deit_tiny_patch16_224", model_kwargs=TINY, num_classes=4, warmup_epochs=0)
+    settings.update(ema=True, ema_decay=0.5, lr=1e-2)
+    fitting = trainer(max_epochs=2, callbacks=[ModelCheckpoint(dirpath=folder, filename="fsdp")])
+    fitting.fit(CpuShardedClassifier(**settings), datamodule=ImageTensors())
+    validating = trainer()
+    validating.validate(CpuShardedClassifier(**settings), ImageTensors(), ckpt_path=f"{folder}/fsdp.ckpt")
+    if rank == 0:
+        for name, run in (("fit", fitting), ("validate", validating)):
+            metrics = {k: float(v) for k, v in run.callback_metrics.items() if k.startswith("val/")}
+            Path(folder, f"{name}.json").write_text(json.dumps(metrics))
+
+
+@pytest.mark.slow
+def test_ema_under_lightning_fsdp_evaluates_and_saves_the_averaged_weights(tmp_path):
+    torch.multiprocessing.spawn(_lightning_fsdp_ema_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
+    state = torch.load(tmp_path / "fsdp.ckpt", weights_only=True)["state_dict"]
+    model_keys = {k[len("model.") :] for k in state if k.startswith("model.")}
+    assert {k[len("ema.module.") :] for k in state if k.startswith("ema.module.")} == model_keys
+    for key in model_keys:  # full tensors, as an unsharded run saves them
+        assert state[f"ema.module.{key}"].shape == state[f"model.{key}"].shape, key
+    assert not torch.allclose(state["ema.module.head.weight"], state["model.head.weight"])
+    # the same checkpoint validated in one process evaluates its ema.module weights (ModelEmaV3)
+    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    single.validate(ImageClassifier.load_from_checkpoint(tmp_path / "fsdp.ckpt"), ImageTensors())
+    expected = {k: float(v) for k, v in single.callback_metrics.items() if k.startswith("val/")}
+    assert set(expected) >= {"val/loss", "val/top1"}
+    for name in ("fit", "validate"):  # FSDP's last validation of the fit, and of the checkpoint it saved
+        assert json.loads((tmp_path / f"{name}.json").read_text()) == pytest.approx(expected, abs=1e-5), name
 
 
 def test_layer_decay_matches_timm_scales_baked_into_lr():
