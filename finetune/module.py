@@ -311,6 +311,11 @@ class ImageClassifier(L.LightningModule):
         return self.sharded_ema
 
     def _load_sharded_ema(self, path: str | Path) -> None:
+        if Path(path).is_dir():
+            raise FinetuneConfigError(
+                f"--ckpt_path {path} is a sharded FSDP checkpoint folder; model.ema under FSDP reads its averages "
+                "from a full checkpoint file (FSDPStrategy state_dict_type full, the default)"
+            )
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
         prefix = "ema.module."
         averaged = {f"model.{k[len(prefix):]}": v for k, v in state.items() if k.startswith(prefix)}
