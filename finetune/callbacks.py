@@ -75,8 +75,28 @@ def checkpoint_callbacks(dirpath: Path, settings: CheckpointSettings) -> list[Mo
 
 
 class EpochProgressBar(RichProgressBar):
-    """Lightning's rich progress bar with the epoch counted from 1: ``Epoch 1/1`` for a one-epoch run,
-    where Lightning shows the 0-based index over the last index (``Epoch 0/0``)."""
+    """Lightning's rich progress bar with the epoch counted from 1 (``Epoch 1/1`` for a one-epoch run, where
+    Lightning shows the 0-based index over the last index, ``Epoch 0/0``) and the speed in images/s (the
+    bar's batches/s times the images of its latest batch) in place of batches/s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_images: dict[Any, int] = {}  # progress task id -> images in its latest batch
+
+    def configure_columns(self, trainer: Trainer) -> list:
+        from rich.progress import ProgressColumn
+        from rich.text import Text
+
+        bar = self
+
+        class ImagesPerSecond(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                images = bar.batch_images.get(task.id)
+                speed = f"{task.speed * images:.1f}" if task.speed is not None and images else "0.0"
+                return Text(f"{speed} images/s", style=bar.theme.processing_speed)
+
+        columns = super().configure_columns(trainer)
+        return [*columns[:-1], ImagesPerSecond()]  # Lightning's last column: batches/s
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
@@ -89,6 +109,32 @@ class EpochProgressBar(RichProgressBar):
         style = self.theme.description
         self.progress.update(self.train_progress_bar_id, description=f"[{style}]{text}" if style else text)
         self.refresh()
+
+    def _count(self, task_id: Any, batch: Any) -> None:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if task_id is not None and hasattr(images, "__len__"):
+            self.batch_images[task_id] = len(images)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._count(self.train_progress_bar_id, batch)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        task = self.val_sanity_progress_bar_id if trainer.sanity_checking else self.val_progress_bar_id
+        self._count(task, batch)
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._count(self.test_progress_bar_id, batch)
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._count(self.predict_progress_bar_id, batch)
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
 
 def describe(metrics: EvalMetrics | None) -> str:

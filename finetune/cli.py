@@ -25,6 +25,7 @@ Wiring decisions:
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -240,7 +241,7 @@ class FinetuneCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         if self.subcommand is not None:
             self.model.config_yaml = self._parser(self.subcommand).dump(
-                self.config[self.subcommand], skip_none=False
+                self.config[self.subcommand], skip_unset=False
             )
 
     def before_predict(self) -> None:
@@ -293,10 +294,23 @@ def _parser_kwargs() -> dict[str, Any]:
     }
 
 
+class _NoProductTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines, printed on every fit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
 def run_cli(argv: Sequence[str], guard: CreatedFilesGuard | None = None) -> FinetuneCLI:
     """Parse ``argv`` (recipes expanded) and run the subcommand; errors propagate."""
     # argv is always passed explicitly (expanded), which Lightning warns about when sys.argv also has args.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # Lightning 2.6 builds torch's deprecated LeafSpec on every step (a FutureWarning from torch 2.10 on):
+    # nothing a user of this CLI can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoProductTips) for f in lightning_log.filters):
+        lightning_log.addFilter(_NoProductTips())
     try:
         return FinetuneCLI(
             ImageClassifier,

@@ -147,7 +147,7 @@ class CommandConfig(SaveConfigCallback):
         self.parser.save(
             self.config,
             str(self.folder / self.config_filename),
-            skip_none=False,
+            skip_unset=False,
             overwrite=self.overwrite,
             multifile=self.multifile,
         )

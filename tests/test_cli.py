@@ -72,7 +72,7 @@ def test_a_fit_without_our_loggers_keeps_run_dir_prints_a_full_summary_and_no_av
 ):
     run_dir = tmp_path / "quiet"
     args = [*tiny_fit_args(synthetic_cub, run_dir, epochs=1), "--trainer.logger", "false", "--model.ema", "true"]
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")
         assert main(["fit", *args]) == 0
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()  # --run_dir holds without the default loggers
@@ -84,7 +84,9 @@ def test_a_fit_without_our_loggers_keeps_run_dir_prints_a_full_summary_and_no_av
         if not (issubclass(w.category, library_deprecation) and "site-packages" in w.filename)
     ]
     assert avoidable == []
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]  # Lightning's, silenced by the CLI
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert not [r for r in caplog.records if "Tip:" in r.getMessage()]  # Lightning's product tips
     out = capsys.readouterr().out
     assert "mean-class acc." in out and "images/s" in out
 
@@ -788,28 +790,34 @@ def test_ddp_on_two_cpu_processes_reports_the_same_metrics_on_both_ranks(synthet
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
-class RecordTrainDescription(Callback):
-    """Records the training progress bar's description at every training batch."""
+class RecordTrainBar(Callback):
+    """Records the training progress bar's description and speed column at every training batch."""
 
     def __init__(self) -> None:
         self.descriptions: list[str] = []
+        self.speeds: list[tuple[str, float | None]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.descriptions.append(trainer.progress_bar_callback.train_progress_bar.description)
+        bar = trainer.progress_bar_callback
+        task = bar.train_progress_bar
+        self.descriptions.append(task.description.split("]")[-1].strip())
+        speed_column = bar.progress.columns[-2]  # the last one before Lightning's metrics
+        self.speeds.append((speed_column.render(task).plain, None if task.speed is None else task.speed * len(batch[0])))
 
 
 @pytest.mark.parametrize("epochs", [1, 2])
-def test_the_progress_bar_counts_epochs_from_one(tmp_path: Path, epochs: int):
-    record = RecordTrainDescription()
+def test_the_progress_bar_counts_epochs_from_one_and_shows_images_per_second(tmp_path: Path, epochs: int):
+    record = RecordTrainBar()
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=epochs, limit_train_batches=1, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[EpochProgressBar(), record],
+        accelerator="cpu", max_epochs=epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[EpochProgressBar(), record],
     )  # fmt: skip
-    trainer.fit(tiny_classifier(), datamodule=ImageTensors())
-    assert [d.split("]")[-1].strip() for d in record.descriptions] == [
-        f"Epoch {e}/{epochs}" for e in range(1, epochs + 1)
-    ]
+    trainer.fit(tiny_classifier(), datamodule=ImageTensors(n=12, batch_size=5))  # batches of 5, 5 and 2 images
+    assert record.descriptions == [f"Epoch {e}/{epochs}" for e in range(1, epochs + 1) for _ in range(3)]
+    assert any(images_per_s is not None for _, images_per_s in record.speeds)
+    for text, images_per_s in record.speeds:
+        assert text == ("0.0 images/s" if images_per_s is None else f"{images_per_s:.1f} images/s")
+
 
 
 # ----------------------------------------------------------------------------- W&B and MLflow in the run folder
