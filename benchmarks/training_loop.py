@@ -10,7 +10,9 @@ transforms and batch size) in a fresh process each, as a user runs them:
 
 Images/s counts the training batches of every epoch from its ``--skip``-th batch on (data waits
 included, validation and checkpoints excluded). Each setting runs ``--rounds`` times, the candidates
-interleaved; the table gives medians, the spread (min-max) and the ratio of the medians.
+interleaved; the table gives each candidate's median and spread (min-max) over the rounds, and the
+median and spread of the per-round ratio cli / plain (both candidates of a round run back to back, so
+a slow spell of the machine moves one round's ratio, not the median).
 Settings: ``defaults`` (no thread or worker setting: ``datamodules.machine`` chooses them) and
 ``oversubscribed`` (``OMP_NUM_THREADS`` = all cores and 8 workers, what the recipes did before).
 
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from lightning import Callback, LightningModule, Trainer
 
-from benchmarks.common import write_results
+from benchmarks.common import round_ratios, write_results
 from datamodules.machine import available_cpus, default_num_threads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
                     work.mkdir()
                     measured[candidate].append(run(data_root, args.epochs, args.skip, env, extra, work))
             speeds = {c: [images_per_s(r) for r in results] for c, results in measured.items()}
+            # each round's cli / plain (images/s of the same round), then their median and range
+            ratio, lowest, highest = round_ratios(speeds["cli"], speeds["plain"])
             rows.append({
                 "setting": name,
                 "workers": measured["cli"][0]["workers"],
@@ -172,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
                 "cli spread": f"{min(speeds['cli']):.0f}-{max(speeds['cli']):.0f}",
                 "plain images/s": statistics.median(speeds["plain"]),
                 "plain spread": f"{min(speeds['plain']):.0f}-{max(speeds['plain']):.0f}",
-                "cli / plain": statistics.median(speeds["cli"]) / statistics.median(speeds["plain"]),
+                "cli / plain": ratio,
+                "cli / plain spread": f"{lowest:.3f}-{highest:.3f}",
             })
     notes = (f"Demo recipe, {args.epochs} epochs, {args.rounds} interleaved rounds per candidate, batches from "
              f"number {args.skip + 1} of each epoch on timed; {available_cpus()} CPU cores available. "

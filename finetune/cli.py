@@ -136,6 +136,7 @@ class FinetuneCLI(LightningCLI):
     def __init__(self, *args: Any, guard: CreatedFilesGuard | None = None, **kwargs: Any) -> None:
         self.guard = guard if guard is not None else CreatedFilesGuard()
         self.log_dir: Path | None = None
+        kwargs.setdefault("save_config_callback", CommandConfig)  # the config in the command's own folder
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -315,7 +316,6 @@ def run_cli(argv: Sequence[str], guard: CreatedFilesGuard | None = None) -> Fine
         return FinetuneCLI(
             ImageClassifier,
             None,
-            save_config_callback=CommandConfig,
             args=expand_recipe(argv),
             parser_kwargs=_parser_kwargs(),
             auto_configure_optimizers=False,
