@@ -81,38 +81,29 @@ def test_weight_decay_by_module_and_name_agrees_with_timms_shape_rule_on_unwrapp
     assert set(no_weight_decay_names(model)) == by_shape
 
 
-def _fsdp_weight_decay_rank(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        module = tiny_classifier(weight_decay=0.5, layer_decay=0.5)
-        decayed = {n for g in module.param_groups() if g["weight_decay"] for n in g["param_names"]}
-        names = {p: n for n, p in module.model.named_parameters()}
-        block = type(module.model.blocks[0])
-        FSDP(
-            module.model,
-            use_orig_params=True,
-            device_id=torch.device("cpu"),
-            auto_wrap_policy=ModuleWrapPolicy({block}),
-        )
-        params = [p for g in module.param_groups() for p in g["params"]]
-        assert all(p.ndim == 1 for p in params)  # flattened shards: a shape rule would decay nothing
-        before = {p: p.detach().clone() for p in params}
-        optimizer = torch.optim.AdamW(module.param_groups(), lr=1.0)
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        optimizer.step()  # zero gradients: only weight decay moves a parameter, by a factor 1 - lr_scale * 0.5
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                factor = 1 - group["lr"] * 0.5 if names[p] in decayed else 1.0
-                torch.testing.assert_close(p.detach(), before[p] * factor, msg=names[p])
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_weight_decay_survives_fsdp_flattening_on_two_cpu_processes():
-    torch.multiprocessing.spawn(_fsdp_weight_decay_rank, args=(_free_port(),), nprocs=2)
+def _check_fsdp_weight_decay() -> None:
+    """Weight decay by module and name holds on FSDP's flattened shards."""
+    module = tiny_classifier(weight_decay=0.5, layer_decay=0.5)
+    decayed = {n for g in module.param_groups() if g["weight_decay"] for n in g["param_names"]}
+    names = {p: n for n, p in module.model.named_parameters()}
+    block = type(module.model.blocks[0])
+    FSDP(
+        module.model,
+        use_orig_params=True,
+        device_id=torch.device("cpu"),
+        auto_wrap_policy=ModuleWrapPolicy({block}),
+    )
+    params = [p for g in module.param_groups() for p in g["params"]]
+    assert all(p.ndim == 1 for p in params)  # flattened shards: a shape rule would decay nothing
+    before = {p: p.detach().clone() for p in params}
+    optimizer = torch.optim.AdamW(module.param_groups(), lr=1.0)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # zero gradients: only weight decay moves a parameter, by a factor 1 - lr_scale * 0.5
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            factor = 1 - group["lr"] * 0.5 if names[p] in decayed else 1.0
+            torch.testing.assert_close(p.detach(), before[p] * factor, msg=names[p])
 
 
 def _free_port() -> int:
@@ -121,57 +112,62 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fsdp_ema_rank(rank: int, port: int) -> None:
-    """On each of two processes: a tiny model under FSDP and the same model unsharded, trained by the same SGD
-    steps on the same batch (FSDP averages the two ranks' equal gradients); the EMA of the shards must be the
-    shard of timm's EMA of the whole model."""
+def _check_fsdp_ema() -> None:
+    """A tiny model under FSDP and the same model unsharded, trained by the same SGD steps on the same batch
+    (FSDP averages the two ranks' equal gradients): the EMA of the shards is the shard of timm's EMA of the
+    whole model."""
+    torch.manual_seed(0)
+    model = timm.create_model("irpe_deit_tiny_patch16_224", **TINY, num_classes=4)
+    reference = copy.deepcopy(model)
+    reference_ema = ModelEmaV3(reference, decay=0.9, use_warmup=True)
+    sharded = FSDP(
+        model, use_orig_params=True, device_id=torch.device("cpu"),
+        auto_wrap_policy=ModuleWrapPolicy({type(model.blocks[0])}),
+    )  # fmt: skip
+    ema = ShardedEma(sharded, decay=0.9)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3])
+    for net in (sharded, reference):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+        for step in range(1, 4):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            if net is sharded:
+                ema.update(step)
+            else:
+                reference_ema.update(reference, step=step)
+    def full_state() -> dict[str, torch.Tensor]:
+        with FSDP.state_dict_type(sharded, StateDictType.FULL_STATE_DICT):
+            return sharded.state_dict()
+
+    trained = full_state()
+    with ema.applied():
+        averaged = full_state()
+    restored = full_state()
+    with torch.no_grad():  # the model trains on with its own weights, not the averages just gathered
+        torch.testing.assert_close(sharded.eval()(x), reference.eval()(x))
+    for name, value in reference_ema.module.state_dict().items():
+        torch.testing.assert_close(averaged[name], value, msg=name)
+        torch.testing.assert_close(restored[name], trained[name], msg=name)  # trained weights back
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(trained[name], value, msg=name)
+    assert not torch.allclose(averaged["head.weight"], trained["head.weight"])
+
+
+def _fsdp_rank(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        model = timm.create_model("irpe_deit_tiny_patch16_224", **TINY, num_classes=4)
-        reference = copy.deepcopy(model)
-        reference_ema = ModelEmaV3(reference, decay=0.9, use_warmup=True)
-        sharded = FSDP(
-            model, use_orig_params=True, device_id=torch.device("cpu"),
-            auto_wrap_policy=ModuleWrapPolicy({type(model.blocks[0])}),
-        )  # fmt: skip
-        ema = ShardedEma(sharded, decay=0.9)
-        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-        y = torch.tensor([0, 1, 2, 3])
-        for net in (sharded, reference):
-            optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
-            for step in range(1, 4):
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(net(x), y).backward()
-                optimizer.step()
-                if net is sharded:
-                    ema.update(step)
-                else:
-                    reference_ema.update(reference, step=step)
-        def full_state() -> dict[str, torch.Tensor]:
-            with FSDP.state_dict_type(sharded, StateDictType.FULL_STATE_DICT):
-                return sharded.state_dict()
-
-        trained = full_state()
-        with ema.applied():
-            averaged = full_state()
-        restored = full_state()
-        with torch.no_grad():  # the model trains on with its own weights, not the averages just gathered
-            torch.testing.assert_close(sharded.eval()(x), reference.eval()(x))
-        for name, value in reference_ema.module.state_dict().items():
-            torch.testing.assert_close(averaged[name], value, msg=name)
-            torch.testing.assert_close(restored[name], trained[name], msg=name)  # trained weights back
-        for name, value in reference.state_dict().items():
-            torch.testing.assert_close(trained[name], value, msg=name)
-        assert not torch.allclose(averaged["head.weight"], trained["head.weight"])
+        _check_fsdp_weight_decay()
+        _check_fsdp_ema()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ema_of_fsdp_shards_is_timms_ema_of_the_whole_model_on_two_cpu_processes():
-    torch.multiprocessing.spawn(_fsdp_ema_rank, args=(_free_port(),), nprocs=2)
+def test_fsdp_shards_keep_weight_decay_and_an_ema_equal_to_timms_on_two_cpu_processes():
+    torch.multiprocessing.spawn(_fsdp_rank, args=(_free_port(),), nprocs=2)
 
 
 class CpuFSDPStrategy(FSDPStrategy):
@@ -199,7 +195,8 @@ def _lightning_fsdp_ema_rank(rank: int, port: int, folder: str) -> None:
     def trainer(**kwargs) -> L.Trainer:
         return L.Trainer(
             accelerator="cpu", devices=2, strategy=CpuFSDPStrategy(process_group_backend="gloo"), logger=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=folder,
+            **kwargs,
         )  # fmt: skip
 
     settings = dict(model_name="irpe_deit_tiny_patch16_224", model_kwargs=TINY, num_classes=4, warmup_epochs=0)
@@ -224,7 +221,10 @@ def test_ema_under_lightning_fsdp_evaluates_and_saves_the_averaged_weights(tmp_p
         assert state[f"ema.module.{key}"].shape == state[f"model.{key}"].shape, key
     assert not torch.allclose(state["ema.module.head.weight"], state["model.head.weight"])
     # the same checkpoint validated in one process evaluates its ema.module weights (ModelEmaV3)
-    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    single = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
     single.validate(ImageClassifier.load_from_checkpoint(tmp_path / "fsdp.ckpt"), ImageTensors())
     expected = {k: float(v) for k, v in single.callback_metrics.items() if k.startswith("val/")}
     assert set(expected) >= {"val/loss", "val/top1"}
