@@ -509,7 +509,10 @@ def _qk_logit_term(
         if on == "v":
             continue
         term = logit_term(q if on == "k" else k, table, table_ids, mode, on, scale)
-        total = term if total is None else total + term
+        if total is None:
+            total = term
+        else:  # both are new tensors: sum in place, into the contiguous one (a query term is a transposed view)
+            total = term.add_(total) if term.is_contiguous() and term.shape == total.shape else total.add_(term)
     return total
 
 
