@@ -142,6 +142,21 @@ def test_built_grid_ids_are_a_non_persistent_buffer_and_other_grids_are_computed
     assert rpe.to(torch.float64).bucket_index.dtype == torch.long
 
 
+def test_tables_of_a_model_share_one_bucket_index_per_grid_and_config():
+    """The q, k and v tables of every layer hold one (n, n) id tensor between them, not one each;
+    another grid or config gets its own, and rebuilding one table's grid leaves the others alone."""
+    model = timm.create_model(
+        "irpe_deit_tiny_patch16_224", img_size=64, depth=2, rpe_config=dict(rpe_on="qkv"), num_classes=3
+    )
+    tables = [m for m in model.modules() if isinstance(m, ImageRPE)]
+    assert len(tables) == 6 and len({t.bucket_index.data_ptr() for t in tables}) == 1
+    assert torch.equal(tables[0].bucket_index, bucket_ids("product", 4, 4, RPEConfig(rpe_on="qkv")))
+    other = ImageRPE("product", "k", 3, 64, RPEConfig(ratio=3.0), grid_size=(4, 4))
+    assert other.bucket_index.data_ptr() != tables[0].bucket_index.data_ptr()
+    tables[0].set_grid_size((5, 4))
+    assert tables[0].bucket_index.shape == (21, 21) and tables[1].bucket_index.shape == (17, 17)
+
+
 # ---------------------------------------------------------------------------------------------
 # Config validation
 # ---------------------------------------------------------------------------------------------

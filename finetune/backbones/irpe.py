@@ -14,6 +14,7 @@ method holds two such modules, ``rp_rows`` and ``rp_cols``. ``heads`` is 1 for s
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from functools import partialmethod
@@ -247,6 +248,22 @@ def bucket_ids(
     return ids
 
 
+# Bucket ids of built grids, by (method, grid, config, device, inference mode), while a module holds them.
+_BUILT_GRID_IDS: weakref.WeakValueDictionary[tuple, Tensor] = weakref.WeakValueDictionary()
+
+
+def _built_grid_ids(method: str, grid_size: tuple[int, int], config: RPEConfig, device: torch.device) -> Tensor:
+    """``bucket_ids`` of a grid a module is built for, one tensor for every table that asks for the same
+    ids: the q, k and v tables of every layer of a model then hold one (n, n) tensor between them, not
+    one each (36 for DeiT-S with RPE on q, k and v: 11 MB, 4% of its inference memory at batch 32)."""
+    key = (method, grid_size, config, torch.device(device), torch.is_inference_mode_enabled())
+    ids = _BUILT_GRID_IDS.get(key)
+    if ids is None:
+        ids = bucket_ids(method, *grid_size, config, device)
+        _BUILT_GRID_IDS[key] = ids
+    return ids
+
+
 # --------------------------------------------------------------------------------------------------
 # Per-table terms: plain functions of tensors (the modules and the autograd function share them)
 # --------------------------------------------------------------------------------------------------
@@ -362,7 +379,7 @@ class ImageRPE(nn.Module):
         """Build the bucket ids of ``grid_size`` into the non-persistent ``bucket_index`` buffer (as
         timm's Swin builds its relative position index); call again after a grid or config change."""
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
-        self.bucket_index = bucket_ids(self.method, *self.grid_size, self.config, self.table.device)
+        self.bucket_index = _built_grid_ids(self.method, self.grid_size, self.config, self.table.device)
 
     def extra_repr(self) -> str:
         return f"method={self.method}, on={self.on}, mode={self.mode}, buckets={self.num_buckets}"
@@ -492,7 +509,10 @@ def _qk_logit_term(
         if on == "v":
             continue
         term = logit_term(q if on == "k" else k, table, table_ids, mode, on, scale)
-        total = term if total is None else total + term
+        if total is None:
+            total = term
+        else:  # both are new tensors: sum in place, into the contiguous one (a query term is a transposed view)
+            total = term.add_(total) if term.is_contiguous() and term.shape == total.shape else total.add_(term)
     return total
 
 
@@ -502,11 +522,16 @@ def _attention_per_image(
     """Each image's attention weights (H, n, n) from (B, H, n, d) queries and keys; per image, the
     RPE logit term stays in cache for the ``baddbmm`` that adds the scaled scores to it."""
     batch, heads, num_tokens, _ = q.shape
-    no_bias = q.new_zeros(()).expand(heads, num_tokens, num_tokens)
+    shape = (heads, num_tokens, num_tokens)
     for i in range(batch):
         bias = _qk_logit_term(q[i], k[i], specs, tables, ids, scale)
-        beta, bias = (0.0, no_bias) if bias is None else (1.0, bias.expand(heads, num_tokens, num_tokens))
-        yield i, torch.baddbmm(bias, q[i], k[i].transpose(-2, -1), beta=beta, alpha=scale).softmax(dim=-1)
+        if bias is None:
+            logits = torch.bmm(q[i], k[i].transpose(-2, -1)).mul_(scale)
+        elif bias.shape == shape and bias.is_contiguous():  # a new tensor: the scores add into it
+            logits = bias.baddbmm_(q[i], k[i].transpose(-2, -1), alpha=scale)
+        else:  # a bias shared by the heads, or a transposed query term
+            logits = torch.baddbmm(bias.expand(shape), q[i], k[i].transpose(-2, -1), alpha=scale)
+        yield i, torch.softmax(logits, dim=-1, out=logits)  # in place: one n x n block per image
 
 
 class _RecomputedAttention(torch.autograd.Function):
