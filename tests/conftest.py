@@ -27,6 +27,16 @@ def tiny_classifier(**kwargs) -> ImageClassifier:
     return ImageClassifier(**{**args, **kwargs})
 
 
+def quiet_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    """A CPU Trainer writing under ``tmp_path`` with no logger, progress bar, summary or sanity check;
+    ``kwargs`` add to or override these."""
+    settings = dict(
+        accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    return L.Trainer(**{**settings, **kwargs})
+
+
 class ImageTensors(L.LightningDataModule):
     """A few random images with fixed labels, exposing num_classes / class_names as datamodules do."""
 

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, ImageTensors, tiny_classifier
+from conftest import TINY, ImageTensors, quiet_trainer, tiny_classifier
 
 from finetune.distillation import distillation_loss
 from finetune.module import FinetuneConfigError
@@ -25,8 +25,7 @@ def test_soft_and_hard_distillation_follow_deits_formulas():
 
 
 def _fit(model, tmp_path, data=None) -> L.Trainer:
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
     trainer.fit(model, datamodule=data or ImageTensors())
     return trainer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import ImageTensors, tiny_classifier
+from conftest import ImageTensors, quiet_trainer, tiny_classifier
 
 import datamodules.machine as machine
 from datamodules import CUB200DataModule
@@ -47,15 +47,7 @@ def test_cpu_fit_uses_the_threads_its_workers_leave_and_restores_them(tmp_path, 
     record = RecordThreads()
     data = ImageTensors()
     data.num_workers = 1
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[record],
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[record], num_sanity_val_steps=2)
     trainer.fit(tiny_classifier(), datamodule=data)
     expected = before if omp else machine.default_num_threads(1, 1)
     assert record.during and set(record.during) == {expected}

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
-from conftest import TINY, ImageTensors, StopAfterEpochs, tiny_classifier
+from conftest import TINY, ImageTensors, StopAfterEpochs, quiet_trainer, tiny_classifier
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from timm.optim import param_groups_layer_decay
@@ -37,16 +37,7 @@ def lr_and_decay_by_param(groups: list[dict]) -> dict[str, tuple[float, float]]:
 
 
 def fit(model: ImageClassifier, tmp_path: Path, epochs: int, **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        num_sanity_val_steps=0,
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=epochs, **trainer_kwargs)
     trainer.fit(model, datamodule=ImageTensors())
     return trainer
 
@@ -308,16 +299,7 @@ def test_batch_size_finder_resizes_the_schedule_to_the_loader_in_use(tmp_path):
     data = ImageTensors(n=12, batch_size=6)
     record = RecordLr()
     finder = BatchSizeFinder(mode="power", init_val=2, max_trials=2, steps_per_trial=1)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        num_sanity_val_steps=0,
-        callbacks=[finder, record],
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[finder, record])
     trainer.fit(model, datamodule=data)
     assert data.batch_size == finder.optimal_batch_size == 4  # 2, then 4 (two trials)
     assert set(record.batch_sizes) == {4}
@@ -333,16 +315,7 @@ def test_lr_finder_choice_is_the_lr_the_run_uses(tmp_path):
     model = tiny_classifier(lr=1e-3, warmup_epochs=0, base_batch_size=8)
     record = RecordLr()
     finder = LearningRateFinder(min_lr=1e-5, max_lr=1.0, num_training_steps=20, early_stop_threshold=None)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        num_sanity_val_steps=0,
-        callbacks=[finder, record],
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[finder, record])
     trainer.fit(model, datamodule=ImageTensors(n=48, batch_size=4))
     found = finder.optimal_lr.suggestion()
     assert found is not None and not math.isclose(found, 1e-3 * 4 / 8)
@@ -395,15 +368,7 @@ def test_freeze_then_unfreeze_and_resume_restore_the_frozen_state(tmp_path):
     resumed = tiny_classifier(**settings)
     ckpt = tmp_path / "checkpoints"
     last = sorted(ckpt.glob("*.ckpt"))[-1]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Record()],
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=3, callbacks=[Record()], num_sanity_val_steps=2)
     trainer.fit(resumed, datamodule=ImageTensors(), ckpt_path=last)
     assert flags == {0: False, 1: True, 2: True}
     assert not torch.equal(resumed.model.blocks[0].attn.qkv.weight, start)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from conftest import ImageTensors, tiny_classifier
+from conftest import ImageTensors, quiet_trainer, tiny_classifier
 
 from datamodules import CUB200DataModule
 from datamodules.samplers import RepeatedAugmentationSampler, class_balanced_sampler, class_counts
@@ -53,8 +52,7 @@ def test_datamodule_trains_with_the_chosen_sampler(synthetic_cub: Path, setting,
 def test_balanced_class_weighting_weights_the_loss_by_inverse_class_size(tmp_path):
     model = tiny_classifier(class_weighting="balanced")
     data = ImageTensors(labels=[0] * 6 + [1] * 3 + [2] * 2 + [3] * 1)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
     trainer.fit(model, datamodule=data)
     expected = torch.tensor([12 / (4 * 6), 12 / (4 * 3), 12 / (4 * 2), 12 / (4 * 1)])
     torch.testing.assert_close(model.loss_weights, expected)
