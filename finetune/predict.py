@@ -100,7 +100,7 @@ class PredictionWriter(BasePredictionWriter):
     """``predict`` settings and output (see the module docstring).
 
     Args:
-        inputs: image files or folders to classify (``predict`` only).
+        inputs: an image file or folder, or a list of them, to classify (``predict`` only).
         output: the file to write; its suffix (``.csv``, ``.json``, ``.parquet``) picks the format;
             default: ``predictions.csv`` in the command's own folder, ``<run_dir>/predict/version_N/``.
         top_k: how many classes (with their scores) per image, at most the number of classes.
@@ -110,7 +110,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def __init__(
         self,
-        inputs: list[str] | None = None,
+        inputs: list[str] | str | None = None,
         output: str | None = None,
         top_k: int = 5,
         logits: bool = False,
@@ -123,7 +123,7 @@ class PredictionWriter(BasePredictionWriter):
             )
         if top_k < 1:
             raise FinetuneConfigError(f"prediction.top_k={top_k}: expected a positive integer")
-        self.inputs = inputs
+        self.inputs = [inputs] if isinstance(inputs, str) else inputs
         self.output = output
         self.top_k = top_k
         self.logits = logits

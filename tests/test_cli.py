@@ -380,7 +380,7 @@ def test_predict_writes_top5_names_and_scores(fitted: Path, synthetic_cub: Path,
             "--ckpt_path",
             str(fitted / "checkpoints" / "last.ckpt"),
             "--prediction.inputs",
-            f"[{images}]",
+            str(images),  # one folder as it is; a list takes [a, b]
         ]
     )
     assert code == 0
