@@ -48,15 +48,17 @@ class CheckpointSettings:
     every_n_epochs: int = 1
 
 
-def checkpoint_callbacks(dirpath: Path, settings: CheckpointSettings) -> list[ModelCheckpoint]:
+def checkpoint_callbacks(dirpath: Path, settings: CheckpointSettings, fitting: bool = True) -> list[ModelCheckpoint]:
     """Lightning's ModelCheckpoint for ``last.ckpt`` (and one selecting best checkpoints when monitoring),
-    the selecting one first so that it is ``trainer.checkpoint_callback``."""
+    the selecting one first so that it is ``trainer.checkpoint_callback``. Not ``fitting`` (validate, test,
+    predict), they only take back their state from a checkpoint: they save nothing, not even on an
+    exception (Lightning's ``save_on_exception`` would otherwise overwrite ``last.ckpt`` on Ctrl-C)."""
     last = ModelCheckpoint(
         dirpath=dirpath,
         filename=LAST_CHECKPOINT,
         save_top_k=1,
         every_n_epochs=settings.every_n_epochs,
-        save_on_exception=True,
+        save_on_exception=fitting,
         enable_version_counter=False,  # one training run per run_dir: a resume continues last.ckpt
     )
     if settings.monitor is None:

@@ -206,6 +206,10 @@ class FinetuneCLI(LightningCLI):
         callbacks: list[Callback] = [RunSummary()]
         if trainer_config.get("enable_progress_bar") is not False:
             callbacks.insert(0, EpochProgressBar())
+        # every command has fit's checkpoint callbacks (only fit saves), so a --ckpt_path of the run
+        # restores their state into the same folder instead of Lightning warning about a changed dirpath
+        settings = self._get(self.config_init, "checkpoint")
+        callbacks += checkpoint_callbacks(run_dir / "checkpoints", settings, fitting=self.subcommand == "fit")
         if self.subcommand == "fit":
             history = training_history(run_dir)
             if ckpt_path is None and history:
@@ -214,7 +218,6 @@ class FinetuneCLI(LightningCLI):
                     "--ckpt_path last, or give a new --run_dir"
                 )
             self.log_dir = run_dir
-            callbacks += checkpoint_callbacks(run_dir / "checkpoints", self._get(self.config_init, "checkpoint"))
             repo_id = self._get(self.config_init, "push_to_hub", default=None)
             if repo_id:
                 callbacks.append(PushToHubCallback(repo_id))

@@ -120,6 +120,15 @@ class StopAfterEpochs(Callback):
             trainer.should_stop = True
 
 
+class InterruptEvaluation(Callback):
+    """Raises KeyboardInterrupt after the first test or predict batch, as Ctrl-C would."""
+
+    def on_test_batch_end(self, *args: object) -> None:
+        raise KeyboardInterrupt
+
+    on_predict_batch_end = on_test_batch_end
+
+
 class RecordRankMetrics(Callback):
     """Writes each rank's final callback metrics to ``folder/rank{N}.json`` (for the DDP test)."""
 

@@ -91,6 +91,26 @@ def test_a_fit_without_our_loggers_keeps_run_dir_prints_a_full_summary_and_no_av
     assert "mean-class acc." in out and "images/s" in out
 
 
+def test_evaluating_a_run_restores_its_checkpoint_callbacks_quietly_and_ctrl_c_saves_nothing(
+    synthetic_cub: Path, tmp_path: Path
+):
+    run_dir = tmp_path / "run"
+    assert main(["fit", *tiny_fit_args(synthetic_cub, run_dir, epochs=1)]) == 0
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = folder_state(run_dir / "checkpoints")
+    args = [*tiny_fit_args(synthetic_cub, run_dir), "--ckpt_path", str(last)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["test", *args]) == 0
+    # fit's checkpoint callbacks take back their state in the same folder: no "dirpath has changed" or
+    # "callbacks used to create the checkpoint need to be provided"
+    assert [str(w.message) for w in caught if "callback" in str(w.message).lower() or "dirpath" in str(w.message)] == []
+    callback = "conftest.InterruptEvaluation"
+    with pytest.raises(SystemExit):  # Lightning exits after Ctrl-C
+        main(["test", *args, "--trainer.callbacks+", callback])
+    assert folder_state(run_dir / "checkpoints") == before  # an evaluation saves no checkpoint, not even on Ctrl-C
+
+
 def test_checkpoint_carries_the_hub_record(fitted: Path):
     checkpoint = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     info = checkpoint["finetune"]
