@@ -71,6 +71,9 @@ from .weights import read_checkpoint
 __all__ = ["main", "FinetuneCLI", "EXTRA_COMMANDS", "RECIPES_DIR", "UsageError", "resolve_recipe", "run_cli"]
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# Module settings an evaluation command takes from its own flags: LightningCLI otherwise replaces every
+# model setting with the hyperparameters of the --ckpt_path checkpoint (saved by fit, tta "none").
+EVALUATION_SETTINGS = ("tta", "tta_crop_pct")
 
 # Extra subcommands: name -> "module:function"; the function takes the remaining argv (a list of
 # str) and returns an exit code (or None for 0).
@@ -136,6 +139,7 @@ class FinetuneCLI(LightningCLI):
     def __init__(self, *args: Any, guard: CreatedFilesGuard | None = None, **kwargs: Any) -> None:
         self.guard = guard if guard is not None else CreatedFilesGuard()
         self.log_dir: Path | None = None
+        self.evaluation_settings: dict[str, Any] = {}
         kwargs.setdefault("save_config_callback", CommandConfig)  # the config in the command's own folder
         super().__init__(*args, **kwargs)
 
@@ -187,10 +191,19 @@ class FinetuneCLI(LightningCLI):
                 f"resume it with --model.model_name {record.model_name}, or start {model_name} from its weights "
                 f"with --model.pretrained {ckpt_path} (without --ckpt_path)"
             )
+        if subcommand != "fit":
+            self.evaluation_settings = {name: config.model[name] for name in EVALUATION_SETTINGS}
+            if record.model_name != model_name:
+                rank_zero_info(
+                    f"--ckpt_path {ckpt_path} holds model {record.model_name}: {subcommand} evaluates it as saved "
+                    f"(the recipe/flags name {model_name})"
+                )
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:
             return
+        for name, value in self.evaluation_settings.items():  # over the checkpoint's
+            self.config[self.subcommand].model[name] = value
         run_dir = Path(self._get(self.config, "run_dir"))
         self.guard.watch(run_dir)
         logger_config = self._get(self.config, "trainer").get("logger")

@@ -92,7 +92,7 @@ def test_a_fit_without_our_loggers_keeps_run_dir_prints_a_full_summary_and_no_av
 
 
 def test_evaluating_a_run_restores_its_checkpoint_callbacks_quietly_and_ctrl_c_saves_nothing(
-    synthetic_cub: Path, tmp_path: Path
+    synthetic_cub: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
     run_dir = tmp_path / "run"
     assert main(["fit", *tiny_fit_args(synthetic_cub, run_dir, epochs=1)]) == 0
@@ -105,6 +105,9 @@ def test_evaluating_a_run_restores_its_checkpoint_callbacks_quietly_and_ctrl_c_s
     # fit's checkpoint callbacks take back their state in the same folder: no "dirpath has changed" or
     # "callbacks used to create the checkpoint need to be provided"
     assert [str(w.message) for w in caught if "callback" in str(w.message).lower() or "dirpath" in str(w.message)] == []
+    with caplog.at_level(logging.INFO):  # another model named: the checkpoint's is evaluated, and said so
+        assert main(["validate", *args, "--model.model_name", "spvit_small_patch16_224"]) == 0
+    assert "holds model irpe_deit_tiny_patch16_224: validate evaluates it as saved" in caplog.text
     callback = "conftest.InterruptEvaluation"
     with pytest.raises(SystemExit):  # Lightning exits after Ctrl-C
         main(["test", *args, "--trainer.callbacks+", callback])
@@ -440,6 +443,8 @@ def test_predict_top_k_logits_embeddings_and_tta_in_each_format(
         ]
     )  # fmt: skip
     assert code == 0
+    # the flag, not the fit's tta saved in the checkpoint's hyperparameters (which LightningCLI applies)
+    assert f"tta: {tta}\n" in (tmp_path / "p" / "predict" / "version_0" / "config.yaml").read_text()
     if suffix == ".json":
         records = json.loads(out.read_text())
     elif suffix == ".parquet":
