@@ -41,15 +41,20 @@ from timm.models import (
     register_model,
     resolve_pretrained_cfg,
 )
-from timm.models._features import feature_take_indices
-from timm.models._hub import download_cached_file
-from timm.models._input import update_model_args, update_model_input_size
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
-from ..resize import PRIOR_RESIZE_STRATEGIES, prior_offset_scale
+from ..resize import (
+    PRIOR_RESIZE_STRATEGIES,
+    pretrained_image_size,
+    prior_offset_scale,
+    record_input_size,
+    record_model_args,
+    source_grid,
+)
 from . import flex
 from .checkpoint import check_state_dict
+from .features import take_indices
 from .recompute import prior_attention
 
 __all__ = ["SPViT", "SPSAttention", "SPViTBlock", "ConvStem", "offset_table", "checkpoint_filter_fn"]
@@ -500,9 +505,9 @@ class SPViT(nn.Module):
                 requires_grad=self.pos_embed.requires_grad,
             )
             self.trained_grid = self.trained_grid or old_grid
-            update_model_args(self, trained_grid=list(self.trained_grid))
+            record_model_args(self, trained_grid=list(self.trained_grid))
         self.set_grid_size(new_grid)
-        update_model_input_size(self, self.patch_embed.img_size)
+        record_input_size(self, self.patch_embed.img_size)
 
     def grid_size_of(self, x: Tensor) -> tuple[int, int]:
         """Patch grid of an image batch: the built grid unless ``dynamic_img_size`` (``_embed`` checks)."""
@@ -559,7 +564,7 @@ class SPViT(nn.Module):
         tokens as NCHW maps or NLC, the class token as the prefix (empty before it joins)."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NLC'")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        taken, max_index = take_indices(len(self.blocks), indices)
         grid_size = self.grid_size_of(x)
         offset_scale = prior_offset_scale(self.prior_resize, self.trained_grid, grid_size)
         x = self._embed(x, grid_size)
@@ -567,7 +572,7 @@ class SPViT(nn.Module):
         intermediates, prefix_tokens = [], []
         for i in range(last + 1):
             x = self._run_block(i, x, grid_size, offset_scale)
-            if i in take_indices:
+            if i in taken:
                 y = self.norm(x) if norm else x
                 prefix = self.blocks[i].num_prefix_tokens
                 prefix_tokens.append(y[:, :prefix])
@@ -585,13 +590,13 @@ class SPViT(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the norm / heads if asked)."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        taken, max_index = take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, "")
-        return take_indices
+        return taken
 
     def pool(self, x: Tensor) -> Tensor:
         """``global_pool`` of ``forward_features`` tokens: the class token, the mean patch token, or all."""
@@ -640,25 +645,13 @@ def _check_global_pool(global_pool: str) -> None:
         raise ValueError(f"global_pool={global_pool!r}: SP-ViT pools with one of {', '.join(map(repr, GLOBAL_POOLS))}")
 
 
-def _checkpoint_grid(model: SPViT, num_patch_tokens: int) -> tuple[int, int] | None:
-    """Patch grid of a checkpoint's pos_embed: from the source img_size timm records for Hub and
-    local-dir checkpoints when it accounts for every token, else square; None if neither fits."""
-    size = getattr(model, "pretrained_model_args", {}).get("img_size")
-    if size is not None:
-        grid = model.patch_embed.feat_size(to_2tuple(size))
-        if grid[0] * grid[1] == num_patch_tokens:
-            return grid
-    side = math.isqrt(num_patch_tokens)
-    return (side, side) if side * side == num_patch_tokens else None
-
-
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: SPViT) -> dict[str, Tensor]:
-    """Fit an official SP-ViT state_dict to ``model`` and check every key and shape.
+    """An official SP-ViT state_dict fitted to ``model``, every key and shape checked.
 
-    Strips a ``module.`` prefix; moves a checkpoint from another grid to the model's (pos_embed
-    resampled bicubic, the checkpoint's grid recorded as ``model.trained_grid`` unless the model
-    names one, for ``prior_resize='scale'`` and the exported config). With a new class count the
-    heads are left to timm, which drops the classifier keys as for any fine-tuning load.
+    State dict in, state dict out; the model is only read. Strips a ``module.`` prefix and resamples
+    a pos_embed from another grid (bicubic) to the model's; ``_create_spvit`` recorded that grid as
+    the model's ``trained_grid`` before building it. With a new class count the heads are left to
+    timm, which drops the classifier keys as for any fine-tuning load.
     """
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     pos_embed = state_dict.get("pos_embed")
@@ -667,11 +660,15 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: SPViT) -> dict[st
     if pos_embed is not None and pos_embed.ndim == 3 and pos_embed.shape[-1] == model.embed_dim:
         old_grid = _checkpoint_grid(model, pos_embed.shape[1] - prefix)
         if old_grid is not None and old_grid != new_grid:
+            if model.trained_grid is None:
+                raise ValueError(
+                    f"checkpoint grid {old_grid[0]}x{old_grid[1]} differs from the model's {new_grid[0]}x{new_grid[1]}, "
+                    "but the model was not built for it (trained_grid is unset): create it with timm.create_model("
+                    "..., pretrained=True) so the grid is read from its pretrained cfg, or pass trained_grid"
+                )
             state_dict["pos_embed"] = resample_abs_pos_embed(
                 pos_embed, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=prefix
             )
-            model.trained_grid = model.trained_grid or old_grid
-            update_model_args(model, trained_grid=list(model.trained_grid))  # for save_for_hf / Hub exports
             _logger.info(
                 "checkpoint grid %dx%d -> model grid %dx%d: pos_embed resampled (bicubic), spatial priors on "
                 "%s offsets (prior_resize=%s)",
@@ -683,19 +680,52 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: SPViT) -> dict[st
     return check_state_dict(state_dict, model)
 
 
+def _checkpoint_grid(model: SPViT, num_patch_tokens: int) -> tuple[int, int] | None:
+    """Patch grid of a checkpoint's pos_embed: from the source image size of the model's pretrained cfg
+    when it accounts for every token, else square; None if neither fits (the key check names it)."""
+    expected = model.patch_embed.feat_size(pretrained_image_size(model.pretrained_cfg, model.pretrained_model_args))
+    if expected[0] * expected[1] == num_patch_tokens:
+        return expected
+    side = math.isqrt(num_patch_tokens)
+    return (side, side) if side * side == num_patch_tokens else None
+
+
 def _training_weights_overlay(
     variant: str, pretrained_cfg: Any, overlay: dict[str, Any] | None
 ) -> dict[str, Any]:
     """A pretrained_cfg overlay that hands timm the ``state_dict`` (not ``state_dict_ema``) of the
     checkpoint file or URL the cfg names. timm's own loader always prefers the EMA weights."""
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg, overlay)
-    path = cfg.file or (download_cached_file(cfg.url) if isinstance(cfg.url, str) and cfg.url else None)
-    if not path:
+    if cfg.file:
+        state_dict = load_state_dict(cfg.file, use_ema=False)
+    elif isinstance(cfg.url, str) and cfg.url:
+        checkpoint = torch.hub.load_state_dict_from_url(cfg.url, map_location="cpu", weights_only=True)
+        state_dict = checkpoint.get("state_dict", checkpoint)
+    else:
         raise ValueError(
             f"use_ema=False needs a checkpoint file or url in the pretrained cfg of {variant}; "
             "pass pretrained_cfg_overlay=dict(file=PATH)"
         )
-    return {**(overlay or {}), "state_dict": load_state_dict(path, use_ema=False)}
+    return {**(overlay or {}), "state_dict": state_dict}
+
+
+def _trained_grid_for_pretrained(variant: str, kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """The ``trained_grid`` of a model that loads the pretrained weights of ``kwargs``: the grid the
+    weights were trained on when it is not the model's (``finetune.resize.source_grid``), decided once,
+    before the model is built; a ``trained_grid`` given (or recorded by a Hub config) wins."""
+    if kwargs.get("trained_grid") is not None:
+        return kwargs["trained_grid"]
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).to_dict()
+    patch = kwargs.get("patch_size", 16)
+
+    def feat_size(size: tuple[int, int]) -> tuple[int, int]:
+        return stem_grid(size[0], size[1], patch)
+
+    source = source_grid(
+        cfg, kwargs.get("pretrained_model_args") or {}, feat_size, 0 if kwargs.get("sp_layers", 14) > 0 else 1
+    )
+    model_grid = feat_size(to_2tuple(kwargs.get("img_size") or cfg["input_size"][-2:]))
+    return source if source != model_grid else None
 
 
 def _create_spvit(variant: str, pretrained: bool = False, use_ema: bool = True, **kwargs: Any) -> SPViT:
@@ -703,6 +733,8 @@ def _create_spvit(variant: str, pretrained: bool = False, use_ema: bool = True, 
         kwargs["pretrained_cfg_overlay"] = _training_weights_overlay(
             variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
         )
+    if pretrained:
+        kwargs["trained_grid"] = _trained_grid_for_pretrained(variant, kwargs)
     model = build_model_with_cfg(
         SPViT,
         variant,
