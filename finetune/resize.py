@@ -448,8 +448,8 @@ def prior_offset_scale(prior_resize: str, trained_grid: Grid | None, grid: Grid)
     ``keep``: 1 (raw offsets, as released); ``scale``: trained/current per axis, so an offset is
     measured in patches of ``trained_grid`` (1 while it is None or equal to ``grid``).
     """
-    if prior_resize not in PRIOR_RESIZE_STRATEGIES:
-        raise ValueError(f"prior_resize={prior_resize!r}: expected one of {', '.join(PRIOR_RESIZE_STRATEGIES)}")
+    if prior_resize != "keep" and prior_resize != "scale":  # PRIOR_RESIZE_STRATEGIES, spelled out for TorchScript
+        raise ValueError(f"prior_resize='{prior_resize}': expected one of keep, scale")
     if prior_resize == "keep" or trained_grid is None:
         return 1.0, 1.0
     return trained_grid[1] / grid[1], trained_grid[0] / grid[0]

@@ -92,7 +92,7 @@ class IRPEVisionTransformer(VisionTransformer):
     def grid_size_of(self, x: torch.Tensor) -> tuple[int, int]:
         """Patch grid of an input image batch."""
         if self.dynamic_img_size:
-            height, width = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+            height, width = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
             return height, width
         return self.patch_embed.grid_size
 
