@@ -230,6 +230,10 @@ def test_fx_feature_extraction_traces_forward_and_backward(name):
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(next(iter(traced(x).values())), model(x))
+        with warnings.catch_warnings():  # torch.jit.script is deprecated, and timm still tests it
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.script(traced.eval())  # as timm's test_model_forward_fx_torchscript
+        torch.testing.assert_close(next(iter(scripted(x).values())), model(x))
     traced.train()
     next(iter(traced(x).values())).mean().backward()
     assert all(param.grad is not None for param in traced.parameters())

@@ -13,8 +13,8 @@ Parameter names are the release's, so its timm CheckpointSaver files (``state_di
 ``use_ema=False`` to load the training weights instead of the EMA ones.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: torch.fx writes the forward's annotations into the code
+# it generates, which TorchScript then compiles, so they must be types, not strings.
 import logging
 import math
 from typing import Any
