@@ -812,7 +812,6 @@ class RPEAttention(nn.Module):
             out = out * gate
         return self.proj_drop(self.proj(out))
 
-
     def _scripted_forward(
         self, x: Tensor, grid_size: tuple[int, int] | None, attn_mask: Tensor | None, is_causal: bool
     ) -> Tensor:
