@@ -10,7 +10,6 @@ The folder appears complete or not at all.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import shutil
 import sys
@@ -28,6 +27,7 @@ from torch import nn
 from .card import PROGRAM_FILE, CardInfo, model_card, redact
 from .errors import FinetuneError
 from .record import plain
+from .resize import resolution_args
 from .weights import create_model, load_checkpoint_model
 
 __all__ = ["ExportError", "export_model", "export_checkpoint", "convert"]
@@ -65,17 +65,15 @@ def _atomic_folder(target: Path) -> Iterator[Path]:
 
 def _export_model_args(model: nn.Module) -> dict[str, Any]:
     """Serializable replacements for recorded factory arguments that JSON cannot hold (dataclass
-    configs), plus the model's full RPE settings so that config.json states them explicitly."""
+    configs), plus the model's resolution settings (full RPE config; SP-ViT's prior_resize and
+    trained_grid), which the model decided at build time, so that config.json states them explicitly."""
     args = {}
     for key, value in getattr(model, "_model_args", {}).items():
         try:
             json.dumps(value)
         except TypeError:
             args[key] = plain(value)
-    rpe_config = getattr(model, "rpe_config", None)
-    if dataclasses.is_dataclass(rpe_config):
-        args["rpe_config"] = dataclasses.asdict(rpe_config)
-    return args
+    return {**args, **resolution_args(model)}
 
 
 def export_model(

@@ -16,19 +16,25 @@ paths (release files, ``hf-hub:`` ids, ``model.pretrained`` in a recipe) all res
 
 The strategy and the training grid are part of the model's configuration (``rpe_config`` for
 iRPE-DeiT, the ``prior_resize`` / ``trained_grid`` arguments for SP-ViT), so exports and Hub configs
-carry them. docs/resolution.md explains the strategies and when ``interpolate`` applies.
+carry them. They are decided once, before the model is built, from the pretrained cfg
+(:func:`source_grid`, :func:`rpe_config_for_source`); the checkpoint filters then only convert
+tensors to the built model's shapes. docs/resolution.md explains the strategies and when
+``interpolate`` applies.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
+import pickle
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from timm.layers import resample_abs_pos_embed, to_2tuple
-from timm.models._input import get_pretrained_grid_size, update_model_args
 from torch import Tensor, nn
 
 from .backbones.irpe import RESIZE_STRATEGIES, ImageRPE, RPEAttention, RPEConfig, num_buckets
@@ -37,7 +43,11 @@ __all__ = [
     "RESIZE_STRATEGIES",
     "PRIOR_RESIZE_STRATEGIES",
     "checkpoint_grid",
+    "pretrained_image_size",
     "pretrained_grid",
+    "checkpoint_shapes",
+    "source_grid",
+    "rpe_config_for_source",
     "resample_pos_embed",
     "interpolated_config",
     "resize_rpe_table",
@@ -46,6 +56,8 @@ __all__ = [
     "resize_rpe_model",
     "prior_offset_scale",
     "resolution_args",
+    "record_model_args",
+    "record_input_size",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -60,34 +72,109 @@ Grid = tuple[int, int]
 # --------------------------------------------------------------------------------------------------
 
 
+def pretrained_image_size(pretrained_cfg: Mapping[str, Any], source_args: Mapping[str, Any]) -> Grid:
+    """Image size the pretrained weights were trained at: the ``img_size`` a Hub/local-dir config records
+    (``source_args``, timm's ``pretrained_model_args``), else the pretrained cfg's input size."""
+    return to_2tuple(source_args.get("img_size") or pretrained_cfg["input_size"][-2:])
+
+
+def _grid_of_tokens(num_tokens: int, expected: Grid | None) -> Grid | None:
+    """``expected`` if it has ``num_tokens`` patches, else the square grid of that many, else None."""
+    if expected is not None and expected[0] * expected[1] == num_tokens:
+        return expected
+    side = math.isqrt(max(num_tokens, 0))
+    return (side, side) if side * side == num_tokens else None
+
+
 def checkpoint_grid(
     pos_embed: Tensor, num_prefix_tokens: int, model: nn.Module | None = None, patch_weight: Tensor | None = None
 ) -> Grid:
     """Patch grid of a checkpoint's (1, prefix + h*w, C) pos_embed.
 
-    The source image size timm records for Hub and local-dir checkpoints (with the patch kernel)
-    decides when it accounts for every token, as in timm's ViT filter; otherwise the grid is square.
+    The source image size of ``model``'s pretrained cfg (with the checkpoint's patch kernel) decides
+    when it accounts for every token, as in timm's ViT filter; otherwise the grid is square.
     """
     tokens = pos_embed.shape[1] - num_prefix_tokens
-    if model is not None:
-        grid = get_pretrained_grid_size(model, patch_weight, tokens)
-        if grid is not None:
-            return grid
-    side = math.isqrt(max(tokens, 0))
-    if side * side != tokens:
+    expected = None
+    if model is not None and patch_weight is not None and patch_weight.ndim == 4:
+        size = pretrained_image_size(model.pretrained_cfg, getattr(model, "pretrained_model_args", {}))
+        expected = (size[0] // patch_weight.shape[-2], size[1] // patch_weight.shape[-1])
+    grid = _grid_of_tokens(tokens, expected)
+    if grid is None:
         raise ValueError(
             f"checkpoint pos_embed has {tokens} patch tokens (after {num_prefix_tokens} prefix token(s)), "
             "which is no square grid; record the source img_size in the checkpoint's config"
         )
-    return side, side
+    return grid
 
 
 def pretrained_grid(model: nn.Module) -> Grid:
     """Patch grid of the checkpoint ``model`` loads when its weights hold no pos_embed: the source
     ``img_size`` of a Hub/local-dir config, else the pretrained cfg's input size, over the patch size."""
-    size = getattr(model, "pretrained_model_args", {}).get("img_size") or model.pretrained_cfg["input_size"][-2:]
-    size, patch = to_2tuple(size), model.patch_embed.patch_size
+    size = pretrained_image_size(model.pretrained_cfg, getattr(model, "pretrained_model_args", {}))
+    patch = model.patch_embed.patch_size
     return size[0] // patch[0], size[1] // patch[1]
+
+
+def _shapes(state_dict: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k.removeprefix("module."): tuple(v.shape) for k, v in state_dict.items() if isinstance(v, Tensor)}
+
+
+def _file_shapes(path: str) -> dict[str, tuple[int, ...]] | None:
+    """Tensor shapes of a checkpoint file, read lazily (the tensors stay on disk), where timm's loader
+    looks: EMA weights, ``state_dict``, ``model`` or the top level. None if the file cannot be read so."""
+    try:
+        if path.endswith(".safetensors"):
+            with safe_open(path, "pt") as weights:
+                return {k.removeprefix("module."): tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118
+        with torch.serialization.safe_globals([argparse.Namespace]):  # timm's CheckpointSaver files keep args
+            try:
+                checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError:  # a legacy (not zip) file cannot be mapped
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, SafetensorError):
+        return None
+    if not isinstance(checkpoint, Mapping):
+        return None
+    for name in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(checkpoint.get(name), Mapping):
+            return _shapes(checkpoint[name])
+    return _shapes(checkpoint)
+
+
+def checkpoint_shapes(pretrained_cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """Tensor shapes (keys without a ``module.`` prefix) of the checkpoint a pretrained cfg holds in memory
+    (``state_dict``) or names as a ``file``, read before the model is built; None for other sources (a
+    URL, the Hub) and for a file that cannot be read (timm's loader, which reads it next, says why)."""
+    if isinstance(pretrained_cfg.get("state_dict"), Mapping):
+        return _shapes(pretrained_cfg["state_dict"])
+    if pretrained_cfg.get("file"):
+        return _file_shapes(str(pretrained_cfg["file"]))
+    return None
+
+
+def source_grid(
+    pretrained_cfg: Mapping[str, Any],
+    source_args: Mapping[str, Any],
+    feat_size: Callable[[Grid], Grid],
+    num_pos_prefix_tokens: int,
+) -> Grid:
+    """The patch grid pretrained weights were trained on, known before the model is built.
+
+    A Hub/local-dir config records it (``source_args["img_size"]``, timm's ``pretrained_model_args``);
+    a checkpoint file or in-memory state dict tells it by its pos_embed (``checkpoint_shapes``:
+    ``num_pos_prefix_tokens`` leading slots, then the patches, square unless the cfg's size fits);
+    otherwise (a release URL, Hub weights) it is the pretrained cfg's input size. ``feat_size`` maps
+    an image size to the model's patch grid.
+    """
+    expected = feat_size(pretrained_image_size(pretrained_cfg, source_args))
+    if source_args.get("img_size") is not None:
+        return expected
+    pos_embed = (checkpoint_shapes(pretrained_cfg) or {}).get("pos_embed")
+    if pos_embed is None or len(pos_embed) != 3:
+        return expected
+    # no grid (another architecture's checkpoint): the filter's key check names the mismatch
+    return _grid_of_tokens(pos_embed[1] - num_pos_prefix_tokens, expected) or expected
 
 
 def resample_pos_embed(pos_embed: Tensor, new_grid: Grid, old_grid: Grid, num_prefix_tokens: int) -> Tensor:
@@ -273,17 +360,27 @@ def _resized_tables(
     return tables
 
 
-def _config_for_grid(config: RPEConfig, old_grid: Grid, new_grid: Grid) -> tuple[RPEConfig, str]:
-    """The config of tables trained on ``old_grid`` serving ``new_grid`` under ``config.resize``, and
-    a few words saying what that does (for the log)."""
-    new_config = replace(config, trained_grid=config.trained_grid or old_grid)
+def rpe_config_for_source(config: RPEConfig, source: Grid, grid: Grid) -> RPEConfig:
+    """The config of a model on ``grid`` whose tables were trained on ``source`` under ``config.resize``:
+    ``source`` recorded as ``trained_grid`` (unless one is named) and, for ``interpolate``, the bucket
+    parameters of the resampled tables. ``config`` itself at equal grids. Decided before the model is
+    built (or resized), so the checkpoint filter only converts tensors."""
+    if source == grid:
+        return config
+    new_config = replace(config, trained_grid=config.trained_grid or source)
     if config.resize == "interpolate":
-        new_config = interpolated_config(new_config, old_grid, new_grid)
-        return new_config, f"interpolated (ratio {config.ratio:g} -> {new_config.ratio:g})"
-    if config.resize == "scale":
+        return interpolated_config(new_config, source, grid)
+    return new_config
+
+
+def _strategy_note(old_config: RPEConfig, new_config: RPEConfig) -> str:
+    """A few words saying what ``rpe_config_for_source`` did to the tables (for the log)."""
+    if new_config.resize == "interpolate":
+        return f"interpolated (ratio {old_config.ratio:g} -> {new_config.ratio:g})"
+    if new_config.resize == "scale":
         rows, cols = new_config.trained_grid
-        return new_config, f"kept (scale: offsets in units of the {rows}x{cols} grid)"
-    return new_config, "kept (keep: buckets recomputed from raw offsets)"
+        return f"kept (scale: offsets in units of the {rows}x{cols} grid)"
+    return "kept (keep: buckets recomputed from raw offsets)"
 
 
 def resize_rpe_model(model: nn.Module, old_grid: Grid, new_grid: Grid) -> None:
@@ -293,7 +390,7 @@ def resize_rpe_model(model: nn.Module, old_grid: Grid, new_grid: Grid) -> None:
     config: RPEConfig = model.rpe_config
     if old_grid == new_grid:
         return
-    new_config, how = _config_for_grid(config, old_grid, new_grid)
+    new_config = rpe_config_for_source(config, old_grid, new_grid)
     tables = {name: p.detach() for name, p in model.named_parameters() if ".rpe_" in name}
     if config.resize == "interpolate":
         tables = _resized_tables(tables, model, config, new_config, old_grid, new_grid)
@@ -303,30 +400,39 @@ def resize_rpe_model(model: nn.Module, old_grid: Grid, new_grid: Grid) -> None:
             for name, param in model.named_parameters():
                 if name in tables:
                     param.copy_(tables[name])
-    update_model_args(model, rpe_config=new_config.to_dict())
-    _logger.info("model grid %dx%d -> %dx%d: %s iRPE tables %s", *old_grid, *new_grid, config.method, how)
+    record_model_args(model, rpe_config=new_config.to_dict())
+    _logger.info(
+        "model grid %dx%d -> %dx%d: %s iRPE tables %s", *old_grid, *new_grid, config.method,
+        _strategy_note(config, new_config),
+    )
 
 
 def convert_rpe_tables(state_dict: dict[str, Tensor], model: nn.Module, old_grid: Grid) -> dict[str, Tensor]:
-    """Move the iRPE tables of ``state_dict`` (from a ``old_grid`` checkpoint) to ``model``'s grid.
+    """The iRPE tables of ``state_dict`` (from an ``old_grid`` checkpoint) for ``model``'s grid.
 
-    Applies the model's ``rpe_config.resize`` strategy, records the checkpoint's grid as
-    ``trained_grid`` (unless the model already names one) and, for ``interpolate``, resamples the
-    tables and gives the model the new bucket parameters. Logs one line saying what was done.
+    Pure: the model was built for this checkpoint (``rpe_config_for_source``), so its ``rpe_config``
+    holds the strategy, ``trained_grid`` and the bucket parameters; ``interpolate`` resamples the
+    tables from the checkpoint's parameters (``interpolated_config`` of the model's config back to
+    ``old_grid``) to the model's. Logs one line saying what was done.
     """
     new_grid = tuple(model.patch_embed.grid_size)
     config: RPEConfig = model.rpe_config
     if old_grid == new_grid:
         return state_dict
-    new_config, how = _config_for_grid(config, old_grid, new_grid)
+    if config.trained_grid is None:
+        raise ValueError(
+            f"checkpoint grid {old_grid[0]}x{old_grid[1]} differs from the model's {new_grid[0]}x{new_grid[1]}, but "
+            "the model was not built for it (rpe_config.trained_grid is unset): create it with timm.create_model(..., "
+            "pretrained=True) so the checkpoint's grid is read from its pretrained cfg, or set rpe_config.trained_grid"
+        )
+    source_config = config
     if config.resize == "interpolate":
-        state_dict = _resized_tables(state_dict, model, config, new_config, old_grid, new_grid)
-    set_rpe_config(model, new_config)
-    update_model_args(model, rpe_config=new_config.to_dict())  # for save_for_hf (kwargs given to create_model win)
+        source_config = interpolated_config(config, new_grid, old_grid)
+        state_dict = _resized_tables(state_dict, model, source_config, config, old_grid, new_grid)
     _logger.info(
         "checkpoint grid %dx%d -> model grid %dx%d: %s%s iRPE tables %s",
         *old_grid, *new_grid, "pos_embed resampled (bicubic), " if getattr(model, "pos_embed", None) is not None else "",
-        config.method, how,
+        config.method, _strategy_note(source_config, config),
     )
     return state_dict
 
@@ -342,8 +448,8 @@ def prior_offset_scale(prior_resize: str, trained_grid: Grid | None, grid: Grid)
     ``keep``: 1 (raw offsets, as released); ``scale``: trained/current per axis, so an offset is
     measured in patches of ``trained_grid`` (1 while it is None or equal to ``grid``).
     """
-    if prior_resize not in PRIOR_RESIZE_STRATEGIES:
-        raise ValueError(f"prior_resize={prior_resize!r}: expected one of {', '.join(PRIOR_RESIZE_STRATEGIES)}")
+    if prior_resize != "keep" and prior_resize != "scale":  # PRIOR_RESIZE_STRATEGIES, spelled out for TorchScript
+        raise ValueError(f"prior_resize='{prior_resize}': expected one of keep, scale")
     if prior_resize == "keep" or trained_grid is None:
         return 1.0, 1.0
     return trained_grid[1] / grid[1], trained_grid[0] / grid[0]
@@ -362,3 +468,20 @@ def resolution_args(model: nn.Module) -> dict[str, Any]:
         grid = model.trained_grid
         return {"prior_resize": model.prior_resize, "trained_grid": list(grid) if grid else None}
     return {}
+
+
+def record_model_args(model: nn.Module, **args: Any) -> None:
+    """Record arguments changed after construction where ``timm.models.get_model_args`` and
+    ``save_for_hf`` read them.
+
+    ``timm.create_model`` keeps the factory arguments in ``model._model_args``; timm's own models update
+    them through a helper timm does not export, so this small twin does the same for ours.
+    """
+    model._model_args = {**getattr(model, "_model_args", {}), **args}
+
+
+def record_input_size(model: nn.Module, img_size: Grid) -> None:
+    """Record a new input size as timm's own ``set_input_size`` does: in the model's input traits
+    (``timm.models.get_model_input_config``) and its recorded ``img_size`` argument."""
+    model._traits = {**getattr(model, "_traits", {}), "img_size": tuple(img_size)}
+    record_model_args(model, img_size=tuple(img_size))

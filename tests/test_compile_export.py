@@ -230,6 +230,10 @@ def test_fx_feature_extraction_traces_forward_and_backward(name):
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(next(iter(traced(x).values())), model(x))
+        with warnings.catch_warnings():  # torch.jit.script is deprecated, and timm still tests it
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.script(traced.eval())  # as timm's test_model_forward_fx_torchscript
+        torch.testing.assert_close(next(iter(scripted(x).values())), model(x))
     traced.train()
     next(iter(traced(x).values())).mean().backward()
     assert all(param.grad is not None for param in traced.parameters())
@@ -251,3 +255,16 @@ def test_compiled_flex_attention_in_cpu_inference_matches_the_default_paths():
                 got = model(x)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         assert any("Compiled" in event.name for event in prof.events()), "the compiled FlexAttention kernel did not run"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_runs_the_reference_formulas_and_matches_eager():
+    """torch.jit.script as timm's test_model_forward_torchscript runs it (eval, scriptable layers): the
+    scripted models take the plain per-pair path on the built grid and give the eager outputs."""
+    x = images()
+    for model in [irpe_model(rpe) for rpe in IRPE_CONFIGS] + [spvit_model()]:
+        with torch.no_grad():
+            torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=1e-4, atol=1e-5)
+    dynamic = torch.jit.script(irpe_model(IRPE_CONFIGS[0], dynamic_img_size=True))
+    with pytest.raises(torch.jit.Error, match=r"TorchScript: iRPE bucket ids exist for the built \(4, 4\) grid only, not 5x5"):
+        dynamic(images(size=40))

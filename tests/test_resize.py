@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -10,6 +11,7 @@ import timm
 import torch
 
 import finetune  # noqa: F401  (registers the models)
+from finetune.backbones import irpe_deit, spvit
 from finetune.backbones.irpe import ImageRPE, RPEConfig, bucket_ids
 from finetune.card import CardInfo
 from finetune.export import export_model
@@ -280,6 +282,54 @@ def test_scale_changes_the_384_model_and_keep_equals_the_released_behaviour(tmp_
     with torch.no_grad():
         assert torch.equal(keep(x), released(x))
         assert not torch.equal(scale.forward_features(x), keep.forward_features(x))
+
+
+def _assert_filter_is_pure(filter_fn, checkpoint: dict, model: torch.nn.Module, settings) -> dict:
+    """Run ``filter_fn`` twice on copies of ``checkpoint``: same output, the model's weights, buffers,
+    settings (``settings(model)``) and recorded arguments untouched, the input not modified."""
+    state = copy.deepcopy(model.state_dict(keep_vars=False))
+    before, recorded, given = settings(model), timm.models.get_model_args(model), copy.deepcopy(checkpoint)
+    first, second = filter_fn(checkpoint, model), filter_fn(copy.deepcopy(given), model)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert settings(model) == before and timm.models.get_model_args(model) == recorded
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert checkpoint.keys() == given.keys()
+    return first
+
+
+def test_irpe_checkpoint_filter_is_pure_and_gives_what_the_built_model_loads(tmp_path):
+    rpe = {"method": "cross", "ratio": 20, "rpe_on": "qkv"}
+    _trained_checkpoint(tmp_path / "224.pth", rpe)
+    model = _load(tmp_path / "224.pth", {**rpe, "resize": "interpolate"}, 384)
+
+    def settings(m):
+        return m.rpe_config, [(t.config, t.num_buckets, t.grid_size) for t in m.modules() if isinstance(t, ImageRPE)]
+
+    checkpoint = torch.load(tmp_path / "224.pth", weights_only=True)
+    converted = _assert_filter_is_pure(irpe_deit.checkpoint_filter_fn, checkpoint, model, settings)
+    loaded = model.state_dict()
+    assert converted.keys() == loaded.keys() and all(torch.equal(converted[k], loaded[k]) for k in loaded)
+
+
+def test_spvit_checkpoint_filter_is_pure_and_gives_what_the_built_model_loads(tmp_path):
+    _spvit_checkpoint(tmp_path / "224.pth")
+    model = _load_spvit(tmp_path / "224.pth", 384, prior_resize="scale")
+    checkpoint = torch.load(tmp_path / "224.pth", weights_only=True)["state_dict"]
+    converted = _assert_filter_is_pure(
+        spvit.checkpoint_filter_fn, checkpoint, model, lambda m: (m.prior_resize, m.trained_grid)
+    )
+    loaded = model.state_dict()
+    assert all(torch.equal(converted[k], loaded[k]) for k in loaded)
+
+
+def test_a_filter_given_a_model_not_built_for_the_checkpoint_grid_says_how_to_build_it(tmp_path):
+    rpe = {"method": "product", "ratio": 1.9, "resize": "scale"}
+    _trained_checkpoint(tmp_path / "224.pth", rpe)
+    model = timm.create_model("irpe_deit_tiny_patch16_224", img_size=384, rpe_config=rpe, **TINY)
+    with pytest.raises(ValueError, match=r"checkpoint grid 14x14 differs from the model's 24x24.*pretrained=True"):
+        irpe_deit.checkpoint_filter_fn(torch.load(tmp_path / "224.pth", weights_only=True), model)
+    assert model.rpe_config.trained_grid is None
 
 
 # ---------------------------------------------------------------------------------------------

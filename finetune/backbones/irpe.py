@@ -338,8 +338,11 @@ class ImageRPE(nn.Module):
 
     For keys, ``attn_bias(q)`` gives q_i . r_{b(i,j)} (q already scaled by 1/sqrt(d)); for queries,
     ``attn_bias(k)`` gives k_j . r_{b(j,i)}; for values, ``value_term(attn)`` gives
-    sum_j a_ij r_{b(i,j)}. The efficient forms are the module-level ``logit_term`` and ``value_term``.
+    sum_j a_ij r_{b(i,j)}. The efficient forms are the module-level ``logit_term`` and ``value_term``;
+    the plain per-pair forms (``reference_logit_term``, ``reference_value_term``) serve tests and TorchScript.
     """
+
+    __jit_unused_properties__ = ["table", "tables"]  # TorchScript reads the tables by name
 
     def __init__(
         self,
@@ -401,6 +404,11 @@ class ImageRPE(nn.Module):
         """
         if (height, width) == self.grid_size:
             return self.bucket_index
+        if torch.jit.is_scripting():
+            raise RuntimeError(
+                f"TorchScript: iRPE bucket ids exist for the built {self.grid_size} grid only, not {height}x{width}; "
+                "script a model built for that input size (img_size=...)"
+            )
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return bucket_ids(self.method, height, width, self.config, device)
         key = (height, width, torch.device(device), self.config, torch.is_inference_mode_enabled())
@@ -420,23 +428,37 @@ class ImageRPE(nn.Module):
     def attn_bias(self, x: Tensor, height: int, width: int, reference: bool = False, scale: float = 1.0) -> Tensor:
         """Logit term for q or k placement (``logit_term``); ``reference`` uses the plain per-pair formula."""
         ids = self.bucket_ids(height, width, x.device)
-        if reference and self.mode == "ctx":
-            per_pair = self.lookup_table_weight[:, :, ids].expand(self.num_heads, -1, -1, -1)  # (H, d, n, n)
-            term = torch.einsum("bhid,hdij->bhij", x * scale, per_pair)
-            return term if self.on == "k" else term.transpose(-1, -2)
+        if reference or torch.jit.is_scripting():
+            return self.reference_logit_term(x, ids, scale)
         return logit_term(x, self.table, ids, self.mode, self.on, scale)
 
     def value_term(self, attn: Tensor, height: int, width: int, reference: bool = False) -> Tensor:
         """sum_j a_ij r_{b(i,j)} for (B, H, n, n) attention weights, as (B, H, n, d)."""
         ids = self.bucket_ids(height, width, attn.device)
-        if reference:
-            per_pair = self.lookup_table_weight[:, ids].expand(self.num_heads, -1, -1, -1)  # (H, n, n, d)
-            return torch.einsum("bhij,hijd->bhid", attn, per_pair)
+        if reference or torch.jit.is_scripting():
+            return self.reference_value_term(attn, ids)
         return value_term(attn, self.lookup_table_weight, ids)
+
+    def reference_logit_term(self, x: Tensor, ids: Tensor, scale: float) -> Tensor:
+        """``logit_term`` by the plain per-pair formula: the table entry of every pair (bias), or
+        x_i . r_{b(i,j)} through an (H, d, n, n) gather of the table (contextual)."""
+        if hasattr(self, "lookup_table_bias"):  # bias mode (a static check under TorchScript)
+            term = self.lookup_table_bias[:, ids]  # (H or 1, n, n)
+        else:
+            per_pair = self.lookup_table_weight[:, :, ids].expand(self.num_heads, -1, -1, -1)  # (H, d, n, n)
+            term = torch.einsum("bhid,hdij->bhij", x * scale, per_pair)
+        return term if self.on == "k" else term.transpose(-1, -2)
+
+    def reference_value_term(self, attn: Tensor, ids: Tensor) -> Tensor:
+        """``value_term`` by the plain per-pair formula, through an (H, n, n, d) gather of the table."""
+        per_pair = self.lookup_table_weight[:, ids].expand(self.num_heads, -1, -1, -1)  # (H, n, n, d)
+        return torch.einsum("bhij,hijd->bhid", attn, per_pair)
 
 
 class CrossImageRPE(nn.Module):
     """The cross method: one table along rows and one along columns, whose encodings add."""
+
+    __jit_unused_properties__ = ["tables"]
 
     def __init__(
         self,
@@ -662,6 +684,7 @@ class RPEAttention(nn.Module):
         self.attn_dim = num_heads * attn_head_dim
         self.scale = self.head_dim**-0.5
         self.rpe_config = RPEConfig.from_any(rpe_config)
+        self.skip = self.rpe_config.skip  # the config object is Python-only (TorchScript reads this)
         self.reference = False
         self.qk_norm = qk_norm
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
@@ -688,7 +711,7 @@ class RPEAttention(nn.Module):
         return [table for rpe in (self.rpe_q, self.rpe_k, self.rpe_v) if rpe is not None for table in rpe.tables]
 
     def _grid(self, num_tokens: int, grid_size: tuple[int, int] | None) -> tuple[int, int]:
-        skip = self.rpe_config.skip
+        skip = self.skip
         if grid_size is None:
             grid_size = self.grid_size
         if grid_size is None:
@@ -778,6 +801,8 @@ class RPEAttention(nn.Module):
     ) -> Tensor:
         """Attention over ``x`` (B, n, C) on the patch grid ``grid_size`` (None: the built grid);
         ``attn_mask`` (bool or additive) and ``is_causal`` as in timm's ``Attention``."""
+        if torch.jit.is_scripting():  # the paths below are eager / compile only
+            return self._scripted_forward(x, grid_size, attn_mask, is_causal)
         batch, num_tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv, grid = self._qkv(x, grid_size)
@@ -808,6 +833,25 @@ class RPEAttention(nn.Module):
                     out = out + self.rpe_v.value_term(attn, *grid, self.reference).to(out.dtype)
             out = out.transpose(1, 2).reshape(batch, num_tokens, self.attn_dim)
         out = self.norm(out)
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out))
+
+    def _scripted_forward(
+        self, x: Tensor, grid_size: tuple[int, int] | None, attn_mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """TorchScript's forward: the plain formulas (explicit softmax, per-pair RPE terms) on the built grid."""
+        batch, num_tokens, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv, grid = self._qkv(x, grid_size)
+        q, k, v = _split_heads(qkv)
+        logits = self._logits(q, k, grid)
+        mask = resolve_self_attn_mask(num_tokens, q, attn_mask, is_causal)
+        attn = self.attn_drop((logits if mask is None else logits + mask).softmax(dim=-1))
+        out = attn @ v
+        if self.rpe_v is not None:
+            out = out + self.rpe_v.value_term(attn, grid[0], grid[1], True)
+        out = self.norm(out.transpose(1, 2).reshape(batch, num_tokens, self.attn_dim))
         if gate is not None:
             out = out * gate
         return self.proj_drop(self.proj(out))

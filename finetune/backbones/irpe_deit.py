@@ -11,13 +11,27 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import to_2tuple
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint,
+    generate_default_cfgs,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from ..resize import checkpoint_grid, convert_rpe_tables, pretrained_grid, resize_rpe_model
+from ..resize import (
+    checkpoint_grid,
+    convert_rpe_tables,
+    pretrained_grid,
+    resize_rpe_model,
+    rpe_config_for_source,
+    source_grid,
+)
 from .checkpoint import check_state_dict
+from .features import take_indices
 from .irpe import RPEConfig, rpe_attention_layer
 
 __all__ = ["IRPEVisionTransformer", "RPEBlock", "checkpoint_filter_fn", "OFFICIAL_MODELS"]
@@ -78,7 +92,7 @@ class IRPEVisionTransformer(VisionTransformer):
     def grid_size_of(self, x: torch.Tensor) -> tuple[int, int]:
         """Patch grid of an input image batch."""
         if self.dynamic_img_size:
-            height, width = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+            height, width = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
             return height, width
         return self.patch_embed.grid_size
 
@@ -116,7 +130,7 @@ class IRPEVisionTransformer(VisionTransformer):
         """timm's ``VisionTransformer.forward_intermediates``, with the patch grid passed to every block."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NLC'")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        taken, max_index = take_indices(len(self.blocks), indices)
         grid_size = self.grid_size_of(x)
         batch = x.shape[0]
         x = self._embed(x)
@@ -127,7 +141,7 @@ class IRPEVisionTransformer(VisionTransformer):
                 x = checkpoint(block, x, grid_size, attn_mask, is_causal)
             else:
                 x = block(x, grid_size, attn_mask=attn_mask, is_causal=is_causal)
-            if i in take_indices:
+            if i in taken:
                 intermediates.append(self.norm(x) if norm else x)
         prefix_tokens = [y[:, : self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
         intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
@@ -155,10 +169,11 @@ class IRPEVisionTransformer(VisionTransformer):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: IRPEVisionTransformer) -> dict[str, torch.Tensor]:
-    """Unwrap an official ``{'model': ...}`` file, move it to the model's grid, check every key.
+    """An official ``{'model': ...}`` file (or a plain state dict) moved to the model's grid, every key checked.
 
-    pos_embed is resampled by timm's ViT filter; the iRPE tables follow the model's
-    ``rpe_config.resize`` strategy (``finetune.resize.convert_rpe_tables``).
+    State dict in, state dict out; the model is only read. pos_embed is resampled by timm's ViT
+    filter; the iRPE tables are converted for the model's ``rpe_config``, which ``_create_irpe_deit``
+    chose for this checkpoint's grid before building the model (``finetune.resize.convert_rpe_tables``).
     """
     state_dict = state_dict.get("model", state_dict)
     if "pos_embed" in state_dict:
@@ -224,7 +239,32 @@ default_cfgs = generate_default_cfgs(
 )
 
 
+def _model_grid(kwargs: dict[str, Any], pretrained_cfg: dict[str, Any]) -> tuple[int, int]:
+    """Patch grid of the model the keyword arguments build (timm's PatchEmbed: img_size over patch_size,
+    rounded up with dynamic_img_pad; img_size defaults to the cfg's input size, as timm's builder sets it)."""
+    height, width = to_2tuple(kwargs.get("img_size") or pretrained_cfg["input_size"][-2:])
+    rows, cols = to_2tuple(kwargs.get("patch_size", 16))
+    if kwargs.get("dynamic_img_pad"):
+        return -(-height // rows), -(-width // cols)
+    return height // rows, width // cols
+
+
+def _rpe_config_for_pretrained(variant: str, kwargs: dict[str, Any]) -> RPEConfig:
+    """The ``rpe_config`` of a model that loads the pretrained weights of ``kwargs``: the resolution
+    decision made once, before the model is built, from the pretrained cfg (``finetune.resize.source_grid``)."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).to_dict()
+    patch = to_2tuple(kwargs.get("patch_size", 16))
+    embedded_prefix = 0 if kwargs.get("no_embed_class") else int(kwargs.get("class_token", True)) + kwargs.get("reg_tokens", 0)
+    source = source_grid(
+        cfg, kwargs.get("pretrained_model_args") or {}, lambda size: (size[0] // patch[0], size[1] // patch[1]),
+        embedded_prefix,
+    )
+    return rpe_config_for_source(RPEConfig.from_any(kwargs.get("rpe_config")), source, _model_grid(kwargs, cfg))
+
+
 def _create_irpe_deit(variant: str, pretrained: bool = False, **kwargs: Any) -> IRPEVisionTransformer:
+    if pretrained:
+        kwargs["rpe_config"] = _rpe_config_for_pretrained(variant, kwargs)
     return build_model_with_cfg(
         IRPEVisionTransformer,
         variant,

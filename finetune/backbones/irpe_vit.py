@@ -27,6 +27,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 from torch import nn
 
+from ..resize import checkpoint_shapes, rpe_config_for_source, source_grid
 from .checkpoint import check_state_dict
 from .irpe import RPEAttention, RPEConfig
 from .irpe_deit import IRPEVisionTransformer, RPEBlock
@@ -85,6 +86,14 @@ def add_irpe(model: VisionTransformer, rpe_config: RPEConfig | dict[str, Any] | 
     return model
 
 
+def _source_has_tables(model: VisionTransformer) -> bool:
+    """Whether the pretrained weights of ``model`` hold iRPE tables: a Hub/local-dir export of an
+    ``irpe_vit`` (its config records ``rpe_config``), or a checkpoint file with table keys."""
+    if "rpe_config" in model.pretrained_model_args:
+        return True
+    return any(".rpe_" in key for key in checkpoint_shapes(model.pretrained_cfg) or {})
+
+
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: IRPEVisionTransformer) -> dict[str, torch.Tensor]:
     """A timm ViT checkpoint gets the model's zero tables (pos_embed resampled as timm's ViT filter
     does) and must hold every other key; a checkpoint with tables is converted as iRPE-DeiT's are."""
@@ -120,7 +129,17 @@ def irpe_vit(
         base_model, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs
     )
     _check_plain_attention(model, base_model)
-    model = add_irpe(model, rpe_config)
+    config = RPEConfig.from_any(rpe_config)
+    if pretrained and _source_has_tables(model):
+        # an irpe_vit export or file, tables included: they meet this model's grid by config.resize, decided
+        # here, before the weights load, from the source's grid (the filter then converts tensors only)
+        patch = model.patch_embed.patch_size
+        source = source_grid(
+            model.pretrained_cfg, model.pretrained_model_args, lambda size: (size[0] // patch[0], size[1] // patch[1]),
+            0 if model.no_embed_class else model.num_prefix_tokens,
+        )
+        config = rpe_config_for_source(config, source, tuple(model.patch_embed.grid_size))
+    model = add_irpe(model, config)
     if pretrained:
         load_pretrained(
             model,

@@ -13,8 +13,8 @@ Parameter names are the release's, so its timm CheckpointSaver files (``state_di
 ``use_ema=False`` to load the training weights instead of the EMA ones.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: torch.fx writes the forward's annotations into the code
+# it generates, which TorchScript then compiles, so they must be types, not strings.
 import logging
 import math
 from typing import Any
@@ -25,6 +25,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     DropPath,
     Mlp,
+    get_device_dtype,
     register_notrace_function,
     register_notrace_module,
     resample_abs_pos_embed,
@@ -41,15 +42,20 @@ from timm.models import (
     register_model,
     resolve_pretrained_cfg,
 )
-from timm.models._features import feature_take_indices
-from timm.models._hub import download_cached_file
-from timm.models._input import update_model_args, update_model_input_size
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
-from ..resize import PRIOR_RESIZE_STRATEGIES, prior_offset_scale
+from ..resize import (
+    PRIOR_RESIZE_STRATEGIES,
+    pretrained_image_size,
+    prior_offset_scale,
+    record_input_size,
+    record_model_args,
+    source_grid,
+)
 from . import flex
 from .checkpoint import check_state_dict
+from .features import take_indices
 from .recompute import prior_attention
 
 __all__ = ["SPViT", "SPSAttention", "SPViTBlock", "ConvStem", "offset_table", "checkpoint_filter_fn"]
@@ -109,20 +115,23 @@ class SPSAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         grid_size: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        dd = dict(device=device, dtype=dtype)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.w1 = nn.Linear(2, dim)
-        self.w2 = nn.Parameter(torch.zeros(dim, 1))
-        self.b2 = nn.Parameter(torch.ones(num_heads))
+        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.w1 = nn.Linear(2, dim, **dd)
+        self.w2 = nn.Parameter(torch.zeros(dim, 1, **dd))
+        self.b2 = nn.Parameter(torch.ones(num_heads, **dd))
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.grid_size: tuple[int, int] | None = None
         self.register_buffer("prior_offsets", None, persistent=False)
@@ -149,8 +158,8 @@ class SPSAttention(nn.Module):
         else:
             offsets, index = offset_table(height, width, self.w1.weight.device)
         offsets = offsets.to(self.w1.weight.dtype)
-        if tuple(offset_scale) != (1.0, 1.0):
-            offsets = offsets * offsets.new_tensor(offset_scale)
+        if offset_scale[0] != 1.0 or offset_scale[1] != 1.0:
+            offsets = offsets * torch.tensor([offset_scale[0], offset_scale[1]], dtype=offsets.dtype, device=offsets.device)
         hidden = F.relu(self.w1(offsets)).view(-1, self.num_heads, self.head_dim)  # (M, H, d)
         per_offset = torch.einsum("mhd,hd->hm", hidden, self.w2.view(self.num_heads, self.head_dim))
         per_offset = per_offset + self.b2[:, None]  # (H, M)
@@ -168,10 +177,13 @@ class SPSAttention(nn.Module):
             )
         qk = self.qk(x).reshape(batch, num_tokens, 2, self.num_heads, self.head_dim)
         v_heads = self.v(x).reshape(batch, num_tokens, self.num_heads, self.head_dim)
-        q, k = qk.permute(2, 0, 3, 1, 4)
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
         v = v_heads.transpose(1, 2)
         # The scale folds into the (heads, n, n) prior, so the batch-sized logits see one multiply.
         prior = (self.spatial_prior(grid_size, offset_scale) * self.scale).to(q.dtype)
+        if torch.jit.is_scripting():  # the whole batch at once (the paths below are eager / compile only)
+            out = self._attend(q, k, v, prior).transpose(1, 2).reshape(batch, num_tokens, dim)
+            return self.proj_drop(self.proj(out))
         training_grad = torch.is_grad_enabled() and q.requires_grad
         eager_cpu = x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
         if flex.usable(self, q, training_grad):
@@ -210,9 +222,9 @@ class PosConv(nn.Module):
     The convolution sits in a one-element Sequential so its parameters are ``proj.0.*`` as released.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim))
+        self.proj = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, device=device, dtype=dtype))
 
     def forward(self, x: Tensor, grid_size: tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
         prefix, tokens = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
@@ -227,6 +239,8 @@ class SPViTBlock(nn.Module):
     ``spatial_prior`` selects SP-SA (patch tokens only) over plain multi-head attention;
     ``num_prefix_tokens`` is how many leading tokens (the class token) the block sees.
     """
+
+    __constants__ = ["spatial_prior"]  # so TorchScript compiles only the attention call this block makes
 
     def __init__(
         self,
@@ -243,23 +257,26 @@ class SPViTBlock(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         grid_size: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.skip_lam = skip_lam
         self.spatial_prior = spatial_prior
         self.num_prefix_tokens = num_prefix_tokens
-        self.norm1 = norm_layer(dim)
+        self.norm1 = norm_layer(dim, **dd)
         if spatial_prior:
             self.attn = SPSAttention(
-                dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, grid_size=grid_size
+                dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, grid_size=grid_size, **dd
             )
         else:
-            self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+            self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.pos_block = PosConv(dim)
+        self.pos_block = PosConv(dim, **dd)
 
     def forward(
         self, x: Tensor, grid_size: tuple[int, int], offset_scale: tuple[float, float] = (1.0, 1.0)
@@ -288,8 +305,11 @@ class ConvStem(nn.Module):
         in_chans: int = 3,
         embed_dim: int = 384,
         stem_channels: int = 64,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if patch_size % 2:
             raise ValueError(
                 f"patch_size={patch_size}: expected an even size (a stride-2 conv precedes the projection)"
@@ -297,14 +317,14 @@ class ConvStem(nn.Module):
         self.patch_size = to_2tuple(patch_size)
         self.set_input_size(img_size)
         c = stem_channels
-        self.conv1 = nn.Conv2d(in_chans, c, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(in_chans, c, kernel_size=7, stride=2, padding=3, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(c, **dd)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.conv3 = nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c)
-        self.proj = nn.Conv2d(c, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
+        self.conv2 = nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(c, **dd)
+        self.conv3 = nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(c, **dd)
+        self.proj = nn.Conv2d(c, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2, **dd)
 
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
         """Build for another image size (the convolutions do not depend on it)."""
@@ -340,6 +360,9 @@ class SPViT(nn.Module):
     offsets (as released), ``scale`` offsets in units of ``trained_grid`` (DESIGN section 6).
     """
 
+    aux_logit_weight = AUX_LOGIT_WEIGHT
+    __constants__ = ["aux_logit_weight"]  # TorchScript reads module constants, not module globals
+
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -366,8 +389,11 @@ class SPViT(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: type[nn.Module] | None = None,
         act_layer: type[nn.Module] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if not 0 <= sp_layers < depth:
             raise ValueError(
                 f"sp_layers={sp_layers}: expected 0 <= sp_layers < depth={depth} "
@@ -394,11 +420,11 @@ class SPViT(nn.Module):
         self.return_token_logits = return_token_logits
         self.grad_checkpointing = False
 
-        self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_channels)
+        self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_channels, **dd)
         self.num_pos_prefix_tokens = 0 if sp_layers > 0 else 1
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.cls_token: nn.Parameter | None = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
         self.pos_embed = nn.Parameter(
-            torch.zeros(1, self.num_pos_prefix_tokens + self.patch_embed.num_patches, embed_dim)
+            torch.zeros(1, self.num_pos_prefix_tokens + self.patch_embed.num_patches, embed_dim, **dd)
         )
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
@@ -418,17 +444,23 @@ class SPViT(nn.Module):
                 act_layer=act_layer,
                 norm_layer=norm_layer,
                 grid_size=self.patch_embed.grid_size,
+                **dd,
             )
             for i in range(depth)
         )
         self.feature_info = [
             dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.patch_embed.patch_size[0]) for i in range(depth)
         ]
-        self.norm = norm_layer(embed_dim)
+        self.norm = norm_layer(embed_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head, self.aux_head = self._heads(num_classes, dd)
         self.init_weights()
+
+    def _heads(self, num_classes: int, dd: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+        """The class head and the token head (both Identity for 0 classes)."""
+        if num_classes <= 0:
+            return nn.Identity(), nn.Identity()
+        return nn.Linear(self.embed_dim, num_classes, **dd), nn.Linear(self.embed_dim, num_classes, **dd)
 
     def init_weights(self) -> None:
         """timm's ViT init; SP-SA keeps w2 = 0, b2 = 1 (plain attention at start)."""
@@ -467,10 +499,13 @@ class SPViT(nn.Module):
         ``global_pool`` ('token', 'avg' or '') changes the pooling when given."""
         if global_pool is not None:
             _check_global_pool(global_pool)
+            if global_pool == "token" and self.cls_token is None:
+                raise ValueError("global_pool='token': the class token was pruned (prune_intermediate_layers)")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head, self.aux_head = self._heads(num_classes, get_device_dtype(self))
+        self.head.train(self.training)
+        self.aux_head.train(self.training)
 
     def set_grid_size(self, grid_size: tuple[int, int]) -> None:
         """Build every SP-SA layer's offset table for ``grid_size`` (as timm's Swin ``set_window_size``)."""
@@ -500,9 +535,9 @@ class SPViT(nn.Module):
                 requires_grad=self.pos_embed.requires_grad,
             )
             self.trained_grid = self.trained_grid or old_grid
-            update_model_args(self, trained_grid=list(self.trained_grid))
+            record_model_args(self, trained_grid=list(self.trained_grid))
         self.set_grid_size(new_grid)
-        update_model_input_size(self, self.patch_embed.img_size)
+        record_input_size(self, self.patch_embed.img_size)
 
     def grid_size_of(self, x: Tensor) -> tuple[int, int]:
         """Patch grid of an image batch: the built grid unless ``dynamic_img_size`` (``_embed`` checks)."""
@@ -527,22 +562,23 @@ class SPViT(nn.Module):
             )
         return self.pos_drop(x + pos_embed)
 
-    def _run_block(self, i: int, x: Tensor, grid_size: tuple[int, int], offset_scale: tuple[float, float]) -> Tensor:
-        """Block ``i`` on ``x``; the class token joins before block ``sp_layers``."""
-        if i == self.sp_layers and i > 0:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        block = self.blocks[i]
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(block, x, grid_size, offset_scale)
-        return block(x, grid_size, offset_scale)
+    def _with_class_token(self, i: int, x: Tensor) -> Tensor:
+        """``x`` as block ``i`` takes it: the class token joins before block ``sp_layers``."""
+        if i == self.sp_layers and i > 0 and self.cls_token is not None:
+            return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Normalised tokens (B, 1 + n, C): the class token, then the patch tokens in row-major order."""
         grid_size = self.grid_size_of(x)
         offset_scale = prior_offset_scale(self.prior_resize, self.trained_grid, grid_size)
         x = self._embed(x, grid_size)
-        for i in range(len(self.blocks)):
-            x = self._run_block(i, x, grid_size, offset_scale)
+        for i, block in enumerate(self.blocks):
+            x = self._with_class_token(i, x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, grid_size, offset_scale)
+            else:
+                x = block(x, grid_size, offset_scale)
         return self.norm(x)
 
     def forward_intermediates(
@@ -559,17 +595,23 @@ class SPViT(nn.Module):
         tokens as NCHW maps or NLC, the class token as the prefix (empty before it joins)."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NLC'")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        taken, max_index = take_indices(len(self.blocks), indices)
         grid_size = self.grid_size_of(x)
         offset_scale = prior_offset_scale(self.prior_resize, self.trained_grid, grid_size)
         x = self._embed(x, grid_size)
         last = len(self.blocks) - 1 if torch.jit.is_scripting() or not stop_early else max_index
         intermediates, prefix_tokens = [], []
-        for i in range(last + 1):
-            x = self._run_block(i, x, grid_size, offset_scale)
-            if i in take_indices:
+        for i, block in enumerate(self.blocks):
+            if i > last:
+                break
+            x = self._with_class_token(i, x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, grid_size, offset_scale)
+            else:
+                x = block(x, grid_size, offset_scale)
+            if i in taken:
                 y = self.norm(x) if norm else x
-                prefix = self.blocks[i].num_prefix_tokens
+                prefix = block.num_prefix_tokens
                 prefix_tokens.append(y[:, :prefix])
                 tokens = y[:, prefix:]
                 if output_fmt == "NCHW":
@@ -585,20 +627,23 @@ class SPViT(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the norm / heads if asked)."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        taken, max_index = take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
+            if max_index < self.sp_layers:  # the class token would join after the last block kept
+                self.cls_token = None
+                self.num_prefix_tokens = 0
             self.reset_classifier(0, "")
-        return take_indices
+        return taken
 
     def pool(self, x: Tensor) -> Tensor:
         """``global_pool`` of ``forward_features`` tokens: the class token, the mean patch token, or all."""
         if self.global_pool == "token":
             return x[:, 0]
         if self.global_pool == "avg":
-            return x[:, 1:].mean(dim=1)
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -611,10 +656,10 @@ class SPViT(nn.Module):
         logits = self.head(pooled)
         if self.global_pool == "":
             return logits
-        token_logits = self.aux_head(self.head_drop(x[:, 1:]))
+        token_logits = self.aux_head(self.head_drop(x[:, self.num_prefix_tokens :]))
         if self.training and self.return_token_logits:
             return logits, token_logits
-        return logits + AUX_LOGIT_WEIGHT * token_logits.amax(dim=1)
+        return logits + self.aux_logit_weight * token_logits.amax(dim=1)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         return self.forward_head(self.forward_features(x))
@@ -626,11 +671,11 @@ def checked_images(x: Tensor, grid_size: tuple[int, int], patch_size: int, img_s
     stem's patch size ``patch_size``); a clear error otherwise."""
     height, width = x.shape[-2], x.shape[-1]
     grid = stem_grid(height, width, patch_size)
-    if grid != tuple(grid_size):
+    if grid[0] != grid_size[0] or grid[1] != grid_size[1]:
         raise ValueError(
             f"input images {height}x{width} give a {grid[0]}x{grid[1]} patch grid, but the model was built for "
-            f"img_size={tuple(img_size)} ({grid_size[0]}x{grid_size[1]}); create it with img_size=({height}, {width}) "
-            "or dynamic_img_size=True"
+            f"img_size=({img_size[0]}, {img_size[1]}) ({grid_size[0]}x{grid_size[1]}); create it with "
+            f"img_size=({height}, {width}) or dynamic_img_size=True"
         )
     return x
 
@@ -640,25 +685,13 @@ def _check_global_pool(global_pool: str) -> None:
         raise ValueError(f"global_pool={global_pool!r}: SP-ViT pools with one of {', '.join(map(repr, GLOBAL_POOLS))}")
 
 
-def _checkpoint_grid(model: SPViT, num_patch_tokens: int) -> tuple[int, int] | None:
-    """Patch grid of a checkpoint's pos_embed: from the source img_size timm records for Hub and
-    local-dir checkpoints when it accounts for every token, else square; None if neither fits."""
-    size = getattr(model, "pretrained_model_args", {}).get("img_size")
-    if size is not None:
-        grid = model.patch_embed.feat_size(to_2tuple(size))
-        if grid[0] * grid[1] == num_patch_tokens:
-            return grid
-    side = math.isqrt(num_patch_tokens)
-    return (side, side) if side * side == num_patch_tokens else None
-
-
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: SPViT) -> dict[str, Tensor]:
-    """Fit an official SP-ViT state_dict to ``model`` and check every key and shape.
+    """An official SP-ViT state_dict fitted to ``model``, every key and shape checked.
 
-    Strips a ``module.`` prefix; moves a checkpoint from another grid to the model's (pos_embed
-    resampled bicubic, the checkpoint's grid recorded as ``model.trained_grid`` unless the model
-    names one, for ``prior_resize='scale'`` and the exported config). With a new class count the
-    heads are left to timm, which drops the classifier keys as for any fine-tuning load.
+    State dict in, state dict out; the model is only read. Strips a ``module.`` prefix and resamples
+    a pos_embed from another grid (bicubic) to the model's; ``_create_spvit`` recorded that grid as
+    the model's ``trained_grid`` before building it. With a new class count the heads are left to
+    timm, which drops the classifier keys as for any fine-tuning load.
     """
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     pos_embed = state_dict.get("pos_embed")
@@ -667,11 +700,15 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: SPViT) -> dict[st
     if pos_embed is not None and pos_embed.ndim == 3 and pos_embed.shape[-1] == model.embed_dim:
         old_grid = _checkpoint_grid(model, pos_embed.shape[1] - prefix)
         if old_grid is not None and old_grid != new_grid:
+            if model.trained_grid is None:
+                raise ValueError(
+                    f"checkpoint grid {old_grid[0]}x{old_grid[1]} differs from the model's {new_grid[0]}x{new_grid[1]}, "
+                    "but the model was not built for it (trained_grid is unset): create it with timm.create_model("
+                    "..., pretrained=True) so the grid is read from its pretrained cfg, or pass trained_grid"
+                )
             state_dict["pos_embed"] = resample_abs_pos_embed(
                 pos_embed, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=prefix
             )
-            model.trained_grid = model.trained_grid or old_grid
-            update_model_args(model, trained_grid=list(model.trained_grid))  # for save_for_hf / Hub exports
             _logger.info(
                 "checkpoint grid %dx%d -> model grid %dx%d: pos_embed resampled (bicubic), spatial priors on "
                 "%s offsets (prior_resize=%s)",
@@ -683,19 +720,52 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: SPViT) -> dict[st
     return check_state_dict(state_dict, model)
 
 
+def _checkpoint_grid(model: SPViT, num_patch_tokens: int) -> tuple[int, int] | None:
+    """Patch grid of a checkpoint's pos_embed: from the source image size of the model's pretrained cfg
+    when it accounts for every token, else square; None if neither fits (the key check names it)."""
+    expected = model.patch_embed.feat_size(pretrained_image_size(model.pretrained_cfg, model.pretrained_model_args))
+    if expected[0] * expected[1] == num_patch_tokens:
+        return expected
+    side = math.isqrt(num_patch_tokens)
+    return (side, side) if side * side == num_patch_tokens else None
+
+
 def _training_weights_overlay(
     variant: str, pretrained_cfg: Any, overlay: dict[str, Any] | None
 ) -> dict[str, Any]:
     """A pretrained_cfg overlay that hands timm the ``state_dict`` (not ``state_dict_ema``) of the
     checkpoint file or URL the cfg names. timm's own loader always prefers the EMA weights."""
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg, overlay)
-    path = cfg.file or (download_cached_file(cfg.url) if isinstance(cfg.url, str) and cfg.url else None)
-    if not path:
+    if cfg.file:
+        state_dict = load_state_dict(cfg.file, use_ema=False)
+    elif isinstance(cfg.url, str) and cfg.url:
+        checkpoint = torch.hub.load_state_dict_from_url(cfg.url, map_location="cpu", weights_only=True)
+        state_dict = checkpoint.get("state_dict", checkpoint)
+    else:
         raise ValueError(
             f"use_ema=False needs a checkpoint file or url in the pretrained cfg of {variant}; "
             "pass pretrained_cfg_overlay=dict(file=PATH)"
         )
-    return {**(overlay or {}), "state_dict": load_state_dict(path, use_ema=False)}
+    return {**(overlay or {}), "state_dict": state_dict}
+
+
+def _trained_grid_for_pretrained(variant: str, kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """The ``trained_grid`` of a model that loads the pretrained weights of ``kwargs``: the grid the
+    weights were trained on when it is not the model's (``finetune.resize.source_grid``), decided once,
+    before the model is built; a ``trained_grid`` given (or recorded by a Hub config) wins."""
+    if kwargs.get("trained_grid") is not None:
+        return kwargs["trained_grid"]
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).to_dict()
+    patch = kwargs.get("patch_size", 16)
+
+    def feat_size(size: tuple[int, int]) -> tuple[int, int]:
+        return stem_grid(size[0], size[1], patch)
+
+    source = source_grid(
+        cfg, kwargs.get("pretrained_model_args") or {}, feat_size, 0 if kwargs.get("sp_layers", 14) > 0 else 1
+    )
+    model_grid = feat_size(to_2tuple(kwargs.get("img_size") or cfg["input_size"][-2:]))
+    return source if source != model_grid else None
 
 
 def _create_spvit(variant: str, pretrained: bool = False, use_ema: bool = True, **kwargs: Any) -> SPViT:
@@ -703,6 +773,8 @@ def _create_spvit(variant: str, pretrained: bool = False, use_ema: bool = True, 
         kwargs["pretrained_cfg_overlay"] = _training_weights_overlay(
             variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
         )
+    if pretrained:
+        kwargs["trained_grid"] = _trained_grid_for_pretrained(variant, kwargs)
     model = build_model_with_cfg(
         SPViT,
         variant,
