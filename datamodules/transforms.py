@@ -27,11 +27,15 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import albumentations as A
-import cv2
-import numpy as np
-import torch
-from albumentations.pytorch import ToTensorV2
+# albumentations asks PyPI at import whether a newer release exists: a network call outside prepare_data
+# and, on an older release, a warning on every run. The user's own setting wins.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data import auto_augment as timm_aa

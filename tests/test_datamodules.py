@@ -8,6 +8,8 @@ import http.server
 import logging
 import os
 import random
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -654,3 +656,15 @@ def test_sample_array_gives_back_every_sample_and_subsets_share_the_names() -> N
     assert list(SampleArray([])) == [] and SampleArray(samples[:1]).boxes is None
     dataset = ImageListDataset(samples, [str(c) for c in range(8)])
     assert dataset.targets == [0, 0, 1, 7] and list(dataset.subset([1]).samples) == [samples[1]]
+
+
+@pytest.mark.parametrize(("user_setting", "expected"), [(None, "1"), ("0", "0")])
+def test_importing_the_transforms_skips_albumentations_update_check_unless_the_user_asks(user_setting, expected):
+    """albumentations would ask PyPI for a newer release at import (and warn on an older one)."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    if user_setting is not None:
+        env["NO_ALBUMENTATIONS_UPDATE"] = user_setting
+    code = "import os, datamodules.transforms; print(os.environ['NO_ALBUMENTATIONS_UPDATE'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == expected
