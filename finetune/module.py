@@ -62,6 +62,10 @@ from finetune.weights import create_model
 
 __all__ = ["ImageClassifier", "FinetuneConfigError"]
 
+# EMA under FSDP was tested on torch 2.14; on 2.11 (the lower bound) FSDP's full state dict segfaults
+# cloning the gathered weights at the first evaluation.
+FSDP_EMA_MIN_TORCH = "2.14"
+
 Strategy = Literal["full", "linear_probe", "freeze_then_unfreeze"]
 
 
@@ -291,6 +295,11 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.compile and self.num_classes is not None:
             self.model.compile()
         if self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            if torch.__version__ < FSDP_EMA_MIN_TORCH:
+                raise FinetuneConfigError(
+                    f"model.ema under FSDP needs torch >= {FSDP_EMA_MIN_TORCH} (torch {torch.__version__} crashes "
+                    "gathering the averaged weights in FSDP's full state dict); set --model.ema false or upgrade torch"
+                )
             # A full copy would not be sharded like the model (FSDP would flatten it into the module's own
             # shards): the EMA of the shards (finetune.ema) replaces it once the model is sharded. The
             # checkpoints' ema.module.* keys have no module to load into: _fsdp_ema reads them itself.

@@ -25,7 +25,7 @@ from torch.distributed.fsdp import StateDictType
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from finetune.ema import ShardedEma
-from finetune.module import FinetuneConfigError, ImageClassifier
+from finetune.module import FSDP_EMA_MIN_TORCH, FinetuneConfigError, ImageClassifier
 from finetune.optim import no_weight_decay_names
 from finetune.weights import WeightsError
 
@@ -204,6 +204,11 @@ def _lightning_fsdp_ema_rank(rank: int, port: int, folder: str) -> None:
 
 @pytest.mark.slow
 def test_ema_under_lightning_fsdp_evaluates_and_saves_the_averaged_weights(tmp_path):
+    if torch.__version__ < FSDP_EMA_MIN_TORCH:  # the lower-bound run: refused in one line, before training
+        with pytest.raises(Exception, match=f"model.ema under FSDP needs torch >= {FSDP_EMA_MIN_TORCH}"):
+            torch.multiprocessing.spawn(_lightning_fsdp_ema_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
+        assert not (tmp_path / "fsdp.ckpt").exists()
+        return
     torch.multiprocessing.spawn(_lightning_fsdp_ema_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
     state = torch.load(tmp_path / "fsdp.ckpt", weights_only=True)["state_dict"]
     model_keys = {k[len("model.") :] for k in state if k.startswith("model.")}
