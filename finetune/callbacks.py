@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from packaging.version import Version
 
 from .errors import FinetuneError
 from .export import export_checkpoint
@@ -27,6 +29,13 @@ __all__ = [
 ]
 
 LAST_CHECKPOINT = "last"
+
+# From Lightning 2.6.1 the rich bar is drawn by a thread, at most ``refresh_rate`` times a second (default
+# 100: after every batch). A draw holds the GIL for a few ms (~4 ms on a small CPU), which the training
+# loop waits for: 4-6% of the demo's images/s in a terminal. Twice a second costs ~0.1%. Lightning 2.6.0
+# counts ``refresh_rate`` in batches and keeps its default (every batch).
+BAR_DRAWS_PER_SECOND = 2
+BAR_RATE_PER_SECOND = Version(lightning.__version__) >= Version("2.6.1")
 
 
 @dataclass
@@ -79,10 +88,11 @@ def checkpoint_callbacks(dirpath: Path, settings: CheckpointSettings, fitting: b
 class EpochProgressBar(RichProgressBar):
     """Lightning's rich progress bar with the epoch counted from 1 (``Epoch 1/1`` for a one-epoch run, where
     Lightning shows the 0-based index over the last index, ``Epoch 0/0``) and the speed in images/s (the
-    bar's batches/s times the images of its latest batch) in place of batches/s."""
+    bar's batches/s times the images of its latest batch) in place of batches/s, drawn
+    ``BAR_DRAWS_PER_SECOND`` times a second."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(refresh_rate=BAR_DRAWS_PER_SECOND if BAR_RATE_PER_SECOND else 1)
         self.batch_images: dict[Any, int] = {}  # progress task id -> images in its latest batch
 
     def configure_columns(self, trainer: Trainer) -> list:

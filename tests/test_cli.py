@@ -25,7 +25,7 @@ from conftest import TINY_MODEL, ImageTensors, folder_state, read_metrics, tiny_
 from data_builders import build_cub, truncate_file
 from lightning import Callback
 
-from finetune.callbacks import EpochProgressBar
+from finetune.callbacks import BAR_DRAWS_PER_SECOND, BAR_RATE_PER_SECOND, EpochProgressBar
 from finetune.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from finetune.cli import EXTRA_COMMANDS, available_recipes, main, run_cli
 
@@ -843,6 +843,26 @@ def test_the_progress_bar_counts_epochs_from_one_and_shows_images_per_second(tmp
     for text, images_per_s in record.speeds:
         assert text == ("0.0 images/s" if images_per_s is None else f"{images_per_s:.1f} images/s")
 
+
+
+
+def test_the_progress_bar_draws_a_few_times_a_second_on_a_terminal_not_after_every_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """Each draw holds the GIL for milliseconds that the training loop waits for (issue 15)."""
+    if not BAR_RATE_PER_SECOND:
+        pytest.skip("Lightning < 2.6.1 counts the bar's refresh rate in batches")
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich draws as on a terminal
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[EpochProgressBar()],
+    )  # fmt: skip
+    batches = 60
+    start = time.perf_counter()
+    trainer.fit(tiny_classifier(), datamodule=ImageTensors(n=2 * batches, batch_size=2))
+    seconds = time.perf_counter() - start
+    draws = capsys.readouterr().out.count("Epoch 1/1")
+    assert 1 <= draws <= BAR_DRAWS_PER_SECOND * seconds + 4 < batches
 
 
 # ----------------------------------------------------------------------------- W&B and MLflow in the run folder
