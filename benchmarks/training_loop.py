@@ -3,16 +3,21 @@
 Both run the demo recipe (``recipes/demo.yaml``: its iRPE-DeiT, its synthetic CUB data, its
 transforms and batch size) in a fresh process each, as a user runs them:
 
-- ``cli``: ``python cli.py fit --recipe demo`` with validation off, timed by a callback;
+- ``cli``: ``python cli.py fit --recipe demo`` with validation off, timed by a callback, its output on a
+  pseudo-terminal as in a user's shell (the progress bar draws only on a terminal);
 - ``plain``: the same datamodule's ``train_dataloader()`` and the same ``ImageClassifier``'s
-  ``model`` and ``param_groups()``, stepped by a hand-written loop (AdamW, cross entropy with the
-  recipe's label smoothing, the schedule's lr fixed at its peak).
+  ``model`` and ``param_groups()``, stepped by a hand-written loop doing the recipe's arithmetic
+  (AdamW, cross entropy with the recipe's label smoothing, gradient norm clipped at the recipe's
+  ``trainer.gradient_clip_val`` as timm's ``--clip-grad`` does; the schedule's lr fixed at its peak).
 
-Images/s counts the training batches of every epoch from its ``--skip``-th batch on (data waits
-included, validation and checkpoints excluded). Each setting runs ``--rounds`` times, the candidates
-interleaved; the table gives each candidate's median and spread (min-max) over the rounds, and the
-median and spread of the per-round ratio cli / plain (both candidates of a round run back to back, so
-a slow spell of the machine moves one round's ratio, not the median).
+A step is timed from the start of one training batch to the start of the next (data wait, forward,
+backward, optimizer and, for ``cli``, Lightning's hooks, logging and progress bar), from the ``--skip``-th
+batch of every epoch on. Images/s is the median over a run's steps of images / step time: this shared
+machine has slow spells (stretches of ~10 steps at +40%, seen in both loops alike) that move a run's
+mean by +-15% and its median by little; the mean (all images / all step time) is given too. Each setting
+runs ``--rounds`` times, the candidates interleaved; the table gives each candidate's median and spread
+(min-max) over the rounds, and the median and spread of the per-round ratio cli / plain (both
+candidates of a round run back to back).
 Settings: ``defaults`` (no thread or worker setting: ``datamodules.machine`` chooses them) and
 ``oversubscribed`` (``OMP_NUM_THREADS`` = all cores and 8 workers, what the recipes did before).
 
@@ -24,11 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pty
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,33 +54,44 @@ SETTINGS = {
 }
 
 
+class StepTimes:
+    """The (images, seconds) of every timed step: from one batch's start to the next one's, from the
+    ``skip``-th batch of each epoch on (an epoch's last batch has no next start and is not timed)."""
+
+    def __init__(self, skip: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.skip = skip
+        self.clock = clock
+        self.steps: list[tuple[int, float]] = []
+        self._previous: tuple[int, float] | None = None
+
+    def batch_start(self, batch_idx: int, images: int) -> None:
+        now = self.clock()
+        if self._previous is not None and batch_idx > self.skip:
+            self.steps.append((self._previous[0], now - self._previous[1]))
+        self._previous = (images, now)
+
+    def epoch_end(self) -> None:
+        self._previous = None
+
+    def write(self, out: str, threads: int, workers: int) -> None:
+        Path(out).write_text(json.dumps({"steps": self.steps, "threads": threads, "workers": workers}))
+
+
 class TrainThroughput(Callback):
-    """Writes the images/s of each training epoch (from batch ``skip`` on) to the JSON file ``out``."""
+    """Writes the step times of the training batches (``StepTimes``) to the JSON file ``out``."""
 
     def __init__(self, out: str, skip: int = 2) -> None:
         self.out = out
-        self.skip = skip
-        self.epochs: list[dict[str, Any]] = []
-        self.start = 0.0
-        self.images = 0
+        self.times = StepTimes(skip)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if batch_idx == self.skip:
-            self.start = time.perf_counter()
-            self.images = 0
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if batch_idx >= self.skip:
-            self.images += len(batch[0])
+        self.times.batch_start(batch_idx, len(batch[0]))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.epochs.append({"images": self.images, "seconds": time.perf_counter() - self.start})
+        self.times.epoch_end()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        Path(self.out).write_text(json.dumps({"epochs": self.epochs, "threads": torch.get_num_threads(),
-                                              "workers": trainer.datamodule.num_workers}))
+        self.times.write(self.out, torch.get_num_threads(), trainer.datamodule.num_workers)
 
 
 def recipe_args(data_root: str, epochs: int, extra: list[str], work: Path) -> list[str]:
@@ -85,7 +104,7 @@ def run_cli(data_root: str, epochs: int, skip: int, env: dict[str, str], extra: 
     args = [sys.executable, str(ROOT / "cli.py"), "fit", *recipe_args(data_root, epochs, extra, work),
             "--trainer.callbacks+=benchmarks.training_loop.TrainThroughput",
             f"--trainer.callbacks.out={out}", f"--trainer.callbacks.skip={skip}"]
-    _child(args, env)
+    _child(args, env, terminal=True)
     return json.loads(out.read_text())
 
 
@@ -97,11 +116,37 @@ def run_plain(data_root: str, epochs: int, skip: int, env: dict[str, str], extra
     return json.loads(out.read_text())
 
 
-def _child(args: list[str], env: dict[str, str]) -> None:
-    result = subprocess.run(args, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
-    if result.returncode != 0:
-        tail = " | ".join(result.stderr.strip().splitlines()[-3:])
-        raise RuntimeError(f"{' '.join(args[:3])} failed ({result.returncode}): {tail}")
+def _child(args: list[str], env: dict[str, str], terminal: bool = False) -> None:
+    """Runs a child to its end; on a ``terminal`` its output goes to a pseudo-terminal read by a thread."""
+    if not terminal:
+        result = subprocess.run(args, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+        returncode, output = result.returncode, result.stderr
+    else:
+        reader, writer = pty.openpty()
+        chunks: list[bytes] = []
+
+        def drain() -> None:
+            while True:
+                try:
+                    chunk = os.read(reader, 65536)
+                except OSError:  # Linux: EIO once the child's side is closed
+                    return
+                if not chunk:
+                    return
+                chunks.append(chunk)
+
+        thread = threading.Thread(target=drain, daemon=True)
+        thread.start()
+        with subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                              stdout=writer, stderr=writer) as process:
+            os.close(writer)
+            returncode = process.wait()
+        thread.join()
+        os.close(reader)
+        output = b"".join(chunks).decode(errors="replace")
+    if returncode != 0:
+        tail = " | ".join(output.strip().splitlines()[-3:])
+        raise RuntimeError(f"{' '.join(args[:3])} failed ({returncode}): {tail}")
 
 
 def plain_loop(spec: dict[str, Any]) -> None:
@@ -121,26 +166,29 @@ def plain_loop(spec: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(module.param_groups())
     loader = data.train_dataloader()
     smoothing = module.hparams.label_smoothing
-    epochs = []
+    clip = cli.trainer.gradient_clip_val
+    times = StepTimes(spec["skip"])
     for _ in range(spec["epochs"]):
-        start, images = time.perf_counter(), 0
         for batch_idx, (x, y) in enumerate(loader):
-            if batch_idx == spec["skip"]:
-                start, images = time.perf_counter(), 0
+            times.batch_start(batch_idx, len(x))
             loss = F.cross_entropy(model(x), y, label_smoothing=smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
-            if batch_idx >= spec["skip"]:
-                images += len(x)
-        epochs.append({"images": images, "seconds": time.perf_counter() - start})
-    Path(spec["out"]).write_text(json.dumps({"epochs": epochs, "threads": torch.get_num_threads(),
-                                             "workers": data.num_workers}))
+        times.epoch_end()
+    times.write(spec["out"], torch.get_num_threads(), data.num_workers)
 
 
 def images_per_s(result: dict) -> float:
-    """Images/s of a run: all measured epochs together (the first epoch's worker start-up excluded by skip)."""
-    return sum(e["images"] for e in result["epochs"]) / sum(e["seconds"] for e in result["epochs"])
+    """Median over a run's timed steps of images / step time."""
+    return statistics.median(images / seconds for images, seconds in result["steps"])
+
+
+def mean_images_per_s(result: dict) -> float:
+    """All timed images / all timed step time of a run."""
+    return sum(images for images, _ in result["steps"]) / sum(seconds for _, seconds in result["steps"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                     work.mkdir()
                     measured[candidate].append(run(data_root, args.epochs, args.skip, env, extra, work))
             speeds = {c: [images_per_s(r) for r in results] for c, results in measured.items()}
+            means = {c: [mean_images_per_s(r) for r in results] for c, results in measured.items()}
             # each round's cli / plain (images/s of the same round), then their median and range
             ratio, lowest, highest = round_ratios(speeds["cli"], speeds["plain"])
             rows.append({
@@ -178,9 +227,12 @@ def main(argv: list[str] | None = None) -> None:
                 "plain spread": f"{min(speeds['plain']):.0f}-{max(speeds['plain']):.0f}",
                 "cli / plain": ratio,
                 "cli / plain spread": f"{lowest:.3f}-{highest:.3f}",
+                "cli / plain of means": round_ratios(means["cli"], means["plain"])[0],
             })
-    notes = (f"Demo recipe, {args.epochs} epochs, {args.rounds} interleaved rounds per candidate, batches from "
-             f"number {args.skip + 1} of each epoch on timed; {available_cpus()} CPU cores available. "
+    notes = (f"Demo recipe, {args.epochs} epochs, {args.rounds} interleaved rounds per candidate, steps from batch "
+             f"number {args.skip + 1} of each epoch on timed; images/s = median over a run's steps of images / step "
+             "time; 'of means' = median over rounds of the ratio of all images / all step time; "
+             f"{available_cpus()} CPU cores available. "
              "Target (issue 15): cli / plain >= 0.97 with the defaults.")
     write_results("training_loop", rows, notes=notes)
 

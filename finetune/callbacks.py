@@ -3,6 +3,7 @@ end, the push to the Hub after it."""
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -12,7 +13,6 @@ from typing import Any, Literal
 import lightning
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from packaging.version import Version
 
 from .errors import FinetuneError
 from .export import export_checkpoint
@@ -35,7 +35,7 @@ LAST_CHECKPOINT = "last"
 # loop waits for: 4-6% of the demo's images/s in a terminal. Twice a second costs ~0.1%. Lightning 2.6.0
 # counts ``refresh_rate`` in batches and keeps its default (every batch).
 BAR_DRAWS_PER_SECOND = 2
-BAR_RATE_PER_SECOND = Version(lightning.__version__) >= Version("2.6.1")
+BAR_RATE_PER_SECOND = tuple(int(part) for part in re.findall(r"\d+", lightning.__version__)[:3]) >= (2, 6, 1)
 
 
 @dataclass

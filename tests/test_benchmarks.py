@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from benchmarks.backbones import Target, target_table
 from benchmarks.common import round_ratios
 from benchmarks.compile import graph_count
 from benchmarks.data_pipeline import format_datasets, imagenet_like_samples, index_bytes, make_jpegs
+from benchmarks.training_loop import StepTimes, images_per_s, mean_images_per_s
 from datamodules import SampleArray, load_rgb
 
 
@@ -101,6 +103,23 @@ def test_round_ratios_pair_each_round_and_report_median_and_spread():
     # per-round ratios 0.5, 1.0 and 2.0: a slow round of one candidate moves the spread, not the median
     assert round_ratios([1.0, 2.0, 1.0], [2.0, 2.0, 0.5]) == (1.0, 0.5, 2.0)
 
+
+
+def test_training_loop_times_steps_from_skip_within_epochs_and_takes_the_median_rate(tmp_path: Path):
+    clock = iter([0.0, 1.0, 2.0, 2.1, 2.3, 10.0, 11.0])  # the batch starts of two epochs
+    times = StepTimes(skip=1, clock=lambda: next(clock))
+    for epoch_batches in ([16, 16, 16, 16], [16, 16, 8]):
+        for batch_idx, images in enumerate(epoch_batches):
+            times.batch_start(batch_idx, images)
+        times.epoch_end()
+    # batch 0 of each epoch skipped (2.3 -> 10.0: a worker start-up), an epoch's last batch (no next
+    # start) not timed
+    assert [images for images, _ in times.steps] == [16, 16, 16]
+    assert [seconds for _, seconds in times.steps] == pytest.approx([1.0, 0.1, 1.0])
+    times.write(str(tmp_path / "run.json"), threads=1, workers=1)
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert images_per_s(result) == pytest.approx(16.0)  # the median step, not the mean
+    assert mean_images_per_s(result) == pytest.approx(48 / 2.1)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without a GPU")
 def test_cuda_benchmarks_are_skipped_and_say_so_without_a_gpu(tmp_path: Path):
