@@ -76,7 +76,7 @@ BENCHMARKS = [
               out_flag="--out"),
     Benchmark("resolution", "benchmarks.resolution", "resolution", [], ["--quick"]),
     Benchmark("training_loop", "benchmarks.training_loop", "training_loop", [],
-              ["--rounds", "1", "--epochs", "1", "--settings", "defaults"]),
+              ["--epochs", "2", "--settings", "defaults"]),
 ]
 GROUPS = {"backbones": ["irpe", "spvit", "irpe_cuda", "spvit_cuda"]}
 SKIPPED_NO_CUDA = "skipped: no CUDA device"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import ImageTensors, quiet_trainer, tiny_classifier
 
 import benchmarks.__main__ as runner
 import benchmarks.common
@@ -18,7 +19,7 @@ from benchmarks.backbones import Target, target_table
 from benchmarks.common import round_ratios
 from benchmarks.compile import graph_count
 from benchmarks.data_pipeline import format_datasets, imagenet_like_samples, index_bytes, make_jpegs
-from benchmarks.training_loop import StepTimes, images_per_s, mean_images_per_s
+from benchmarks.training_loop import PlainEpochs, StepTimes, images_per_s, mean_images_per_s
 from datamodules import SampleArray, load_rgb
 
 
@@ -105,7 +106,7 @@ def test_round_ratios_pair_each_round_and_report_median_and_spread():
 
 
 
-def test_training_loop_times_steps_from_skip_within_epochs_and_takes_the_median_rate(tmp_path: Path):
+def test_training_loop_times_steps_from_skip_within_epochs_and_takes_the_median_rate():
     clock = iter([0.0, 1.0, 2.0, 2.1, 2.3, 10.0, 11.0])  # the batch starts of two epochs
     times = StepTimes(skip=1, clock=lambda: next(clock))
     for epoch_batches in ([16, 16, 16, 16], [16, 16, 8]):
@@ -116,10 +117,22 @@ def test_training_loop_times_steps_from_skip_within_epochs_and_takes_the_median_
     # start) not timed
     assert [images for images, _ in times.steps] == [16, 16, 16]
     assert [seconds for _, seconds in times.steps] == pytest.approx([1.0, 0.1, 1.0])
-    times.write(str(tmp_path / "run.json"), threads=1, workers=1)
-    result = json.loads((tmp_path / "run.json").read_text())
-    assert images_per_s(result) == pytest.approx(16.0)  # the median step, not the mean
-    assert mean_images_per_s(result) == pytest.approx(48 / 2.1)
+    assert images_per_s(times.steps) == pytest.approx(16.0)  # the median step, not the mean
+    assert mean_images_per_s(times.steps) == pytest.approx(48 / 2.1)
+
+
+def test_training_loop_pairs_each_fit_epoch_with_a_plain_epoch_over_the_same_model_and_loader(tmp_path: Path):
+    out = tmp_path / "pairs.json"
+    module = tiny_classifier()
+    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0, gradient_clip_val=1.0,
+                            callbacks=[PlainEpochs(str(out), skip=1)])
+    trainer.fit(module, datamodule=ImageTensors(n=20, batch_size=4))  # 5 batches: steps 1-3 timed
+    result = json.loads(out.read_text())
+    assert len(result["pairs"]) == 2 and result["workers"] == 0
+    for pair in result["pairs"]:
+        for candidate in ("cli", "plain"):
+            assert [images for images, _ in pair[candidate]] == [4, 4, 4]
+            assert all(seconds > 0 for _, seconds in pair[candidate])
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without a GPU")
 def test_cuda_benchmarks_are_skipped_and_say_so_without_a_gpu(tmp_path: Path):
