@@ -220,12 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 
     outcomes = {}
     for b in benchmarks:
-        if b.name not in selected:
-            continue
         argv = command_line(b, args.quick, args.device, out)
-        if b.needs_cuda and not torch.cuda.is_available():
+        if b.needs_cuda and not torch.cuda.is_available():  # said in every summary, selected or not
             outcomes[b.name] = Outcome(" ".join(["python -m", b.module, *argv]), SKIPPED_NO_CUDA, 0.0)
-        else:
+        elif b.name in selected:
             outcomes[b.name] = run(b, argv, out)
     summary = write_summary(outcomes, args.quick, out)
     if out == RESULTS_DIR:
