@@ -130,6 +130,22 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self._bad_images: BadImageRegistry | None = None
         self._read_splits: dict[str, ImageListDataset] = {}  # split name -> dataset without transform
 
+    @classmethod
+    def check_root(cls, init_args: dict[str, Any]) -> None:
+        """Raise ``FileNotFoundError`` (one line) when ``init_args["root"]`` names nothing this datamodule
+        can read or create. The command line calls it before it builds the model, whose pretrained weights
+        may take minutes to download; the datasets' own checks follow in ``setup``."""
+        root = init_args.get("root")
+        if cls.root_can_be_missing(root, init_args):
+            return
+        if root is None or not Path(os.path.expanduser(str(root))).exists():
+            raise FileNotFoundError(f"data.root {root!r}: no such file or folder (expected by {cls.__name__})")
+
+    @classmethod
+    def root_can_be_missing(cls, root: str | None, init_args: dict[str, Any]) -> bool:
+        """Whether ``prepare_data`` creates ``root``, or ``root`` names something remote: no local path to check."""
+        return False
+
     @property
     def num_workers(self) -> int:
         """DataLoader workers: as given, else chosen for the training processes on this machine

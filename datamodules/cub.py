@@ -153,6 +153,10 @@ class CUB200DataModule(ImageClassificationDataModule):
     def dataset_kwargs(self) -> dict[str, Any]:
         return {"crop_to_bbox": self.crop_to_bbox}
 
+    @classmethod
+    def root_can_be_missing(cls, root: str | None, init_args: dict[str, Any]) -> bool:
+        return bool(init_args.get("download"))
+
     def prepare_data(self) -> None:
         if not self.download:
             return

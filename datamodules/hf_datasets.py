@@ -207,6 +207,10 @@ class HFDataModule(ImageClassificationDataModule):
         samples = [Sample(f"{self.source}[{split}][{row}]", label) for row, label in enumerate(labels)]
         return HFImageDataset(table, self.image_column, samples, classes, bad_images)
 
+    @classmethod
+    def root_can_be_missing(cls, root: str | None, init_args: dict[str, Any]) -> bool:
+        return True  # a Hub dataset id is no local path
+
     def prepare_data(self) -> None:
         """Download (Hub ids) and check every split's columns and labels before anything is written."""
         for split in self.split_names():

@@ -321,6 +321,10 @@ class ShardDataModule(ImageClassificationDataModule):
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = self._stream(val, self.eval_transform, shuffle=False) if val else self.test_dataset
 
+    @classmethod
+    def root_can_be_missing(cls, root: str | None, init_args: dict[str, Any]) -> bool:
+        return root is not None and "://" in root  # a URL prefix webdataset opens
+
     def prepare_data(self) -> None:
         """Read the manifest (a one-line error when it is missing or not ours) before anything is written."""
         self.split_names()

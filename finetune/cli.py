@@ -42,7 +42,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import datamodules  # noqa: F401  (imported so that --data accepts short class names: --data.help CUB200DataModule)
-from datamodules import DataError
+from datamodules import DataError, ImageClassificationDataModule
 
 from .callbacks import (
     LAST_CHECKPOINT,
@@ -206,6 +206,10 @@ class FinetuneCLI(LightningCLI):
             self.config[self.subcommand].model[name] = value
         run_dir = Path(self._get(self.config, "run_dir"))
         self.guard.watch(run_dir)
+        data = self._get(self.config, "data")
+        data_class = _data_class(data.class_path) if data is not None and data.get("class_path") else None
+        if data_class is not None and issubclass(data_class, ImageClassificationDataModule):
+            data_class.check_root(dict(data.get("init_args") or {}))  # before the model downloads its weights
         logger_config = self._get(self.config, "trainer").get("logger")
         if logger_config not in (None, True, False):
             for note in place_trackers(logger_config, run_dir):
@@ -278,6 +282,13 @@ class FinetuneCLI(LightningCLI):
         self.datamodule = ImagePathsDataModule(
             dataset, batch_size=getattr(data, "batch_size", 32), num_workers=getattr(data, "num_workers", 0)
         )
+
+
+def _data_class(class_path: str) -> type | None:
+    """The class a ``--data`` class path names (None when it names no class)."""
+    module_name, _, name = class_path.rpartition(".")
+    data_class = getattr(importlib.import_module(module_name), name, None) if module_name else None
+    return data_class if isinstance(data_class, type) else None
 
 
 def _data_config_getter(key: str) -> Callable[[ImageClassifier], Any]:

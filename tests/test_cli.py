@@ -25,6 +25,8 @@ from conftest import TINY_MODEL, ImageTensors, folder_state, read_metrics, tiny_
 from data_builders import build_cub, truncate_file
 from lightning import Callback
 
+from datamodules import CUB200DataModule, ShardDataModule
+from datamodules.synthetic import SyntheticCUBDataModule
 from finetune.callbacks import BAR_DRAWS_PER_SECOND, BAR_RATE_PER_SECOND, EpochProgressBar
 from finetune.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from finetune.cli import EXTRA_COMMANDS, available_recipes, main, run_cli
@@ -518,9 +520,33 @@ def test_unknown_recipe_key(synthetic_cub, tmp_path, capsys):
     assert "model.learning_rate" in one_line_error(capsys)
 
 
-def test_missing_dataset_root(tmp_path, capsys):
-    assert main(["fit", *tiny_fit_args(tmp_path / "nowhere", tmp_path / "run")]) == 2
+def test_missing_dataset_root_is_reported_before_the_model_fetches_its_weights(tmp_path, capsys):
+    # pretrained: the weights would be downloaded (or fail to) before a datamodule is built
+    args = [*tiny_fit_args(tmp_path / "nowhere", tmp_path / "run"), "--model.pretrained", "true"]
+    for command in ("fit", "validate"):
+        assert main([command, *args]) == 2
+        line = one_line_error(capsys)
+        assert f"data.root '{tmp_path / 'nowhere'}': no such file or folder" in line and "CUB200DataModule" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_root_without_the_dataset(tmp_path, capsys):
+    assert main(["fit", *tiny_fit_args(tmp_path, tmp_path / "run")]) == 2
     assert "CUB-200-2011 not found" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(("data_class", "init_args"), [
+    (CUB200DataModule, {"download": True}),  # prepare_data downloads it
+    (SyntheticCUBDataModule, {}),  # prepare_data generates it
+    (ShardDataModule, {}),  # a URL prefix below
+])
+def test_dataset_roots_that_prepare_data_creates_or_that_are_remote_pass_the_early_check(
+    tmp_path: Path, data_class: type, init_args: dict
+):
+    root = "https://host/shards" if data_class is ShardDataModule else str(tmp_path / "nowhere")
+    data_class.check_root({"root": root, **init_args})
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        CUB200DataModule.check_root({"root": root})
 
 
 def test_pretrained_weights_of_another_architecture(synthetic_cub, tmp_path, capsys):

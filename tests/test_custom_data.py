@@ -318,4 +318,4 @@ def test_kfold_command_runs_every_fold_and_prints_mean_and_std(tmp_path: Path, c
 def test_kfold_command_stops_at_the_first_failing_fold(tmp_path: Path, capsys) -> None:
     args = tiny_fit_args(tmp_path / "missing", tmp_path / "run", epochs=1, datamodule="datamodules.ImageFolderDataModule")
     assert main(["kfold", "--folds", "3", *args]) == 2
-    assert "image folder not found" in capsys.readouterr().err
+    assert f"data.root '{tmp_path / 'missing'}': no such file or folder" in capsys.readouterr().err
