@@ -208,7 +208,8 @@ class FinetuneCLI(LightningCLI):
         self.guard.watch(run_dir)
         data = self._get(self.config, "data")
         data_class = _data_class(data.class_path) if data is not None and data.get("class_path") else None
-        if data_class is not None and issubclass(data_class, ImageClassificationDataModule):
+        # predict reads --prediction.inputs and only takes the datamodule's transforms
+        if self.subcommand != "predict" and data_class and issubclass(data_class, ImageClassificationDataModule):
             data_class.check_root(dict(data.get("init_args") or {}))  # before the model downloads its weights
         logger_config = self._get(self.config, "trainer").get("logger")
         if logger_config not in (None, True, False):

@@ -401,7 +401,7 @@ def test_predict_writes_top5_names_and_scores(fitted: Path, synthetic_cub: Path,
     code = main(
         [
             "predict",
-            *tiny_fit_args(synthetic_cub, tmp_path / "p"),
+            *tiny_fit_args(tmp_path / "no-dataset", tmp_path / "p"),  # predict reads its inputs, not the dataset
             "--ckpt_path",
             str(fitted / "checkpoints" / "last.ckpt"),
             "--prediction.inputs",
