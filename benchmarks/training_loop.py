@@ -56,8 +56,8 @@ SETTINGS = {
 
 
 class StepTimes:
-    """The (images, seconds) of every timed step: from one batch's start to the next one's, from the
-    ``skip``-th batch of each epoch on (an epoch's last batch has no next start and is not timed)."""
+    """The (images, seconds) of every timed step of one epoch: from one batch's start to the next one's,
+    from the ``skip``-th batch on (the last batch has no next start and is not timed)."""
 
     def __init__(self, skip: int, clock: Callable[[], float] = time.perf_counter) -> None:
         self.skip = skip
@@ -70,9 +70,6 @@ class StepTimes:
         if self._previous is not None and batch_idx > self.skip:
             self.steps.append((self._previous[0], now - self._previous[1]))
         self._previous = (images, now)
-
-    def epoch_end(self) -> None:
-        self._previous = None
 
 
 def plain_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, label_smoothing: float,

@@ -871,7 +871,6 @@ def test_the_progress_bar_counts_epochs_from_one_and_shows_images_per_second(tmp
 
 
 
-
 def test_the_progress_bar_draws_a_few_times_a_second_on_a_terminal_not_after_every_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ):
