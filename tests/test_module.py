@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import fnmatch
 import json
 import math
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from conftest import TINY, ImageTensors, StopAfterEpochs, quiet_trainer, tiny_classifier
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
@@ -397,6 +399,24 @@ def test_mixup_and_cutmix_train_on_odd_sized_batches(tmp_path):
     trainer = fit(model, tmp_path, epochs=1)  # 12 images in batches of 5, 5, 2: Mixup needs even sizes
     assert trainer.global_step == 3
     assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
+
+
+def test_training_loss_is_logged_per_logger_step_and_as_the_epochs_weighted_mean(tmp_path):
+    losses: list[tuple[int, float, int]] = []  # (global step, loss, batch size) of every batch
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append((trainer.global_step - 1, outputs["loss"].item(), len(batch[0])))
+
+    logger = CSVLogger(tmp_path, name="", version="")
+    fit(tiny_classifier(), tmp_path, epochs=2, logger=logger, log_every_n_steps=2, callbacks=[Record()])
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    step_rows = {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}
+    assert step_rows == pytest.approx({step: loss for step, loss, _ in losses if (step + 1) % 2 == 0})
+    epoch_means = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    per_epoch = [losses[:3], losses[3:]]  # 12 images in batches of 5, 5, 2
+    expected = [sum(loss * n for _, loss, n in batches) / 12 for batches in per_epoch]
+    assert epoch_means == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------- checkpoints
