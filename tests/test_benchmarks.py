@@ -19,7 +19,7 @@ from benchmarks.backbones import Target, target_table
 from benchmarks.common import round_ratios
 from benchmarks.compile import graph_count
 from benchmarks.data_pipeline import format_datasets, imagenet_like_samples, index_bytes, make_jpegs
-from benchmarks.training_loop import PlainEpochs, StepTimes, images_per_s, mean_images_per_s
+from benchmarks.training_loop import PlainSteps, images_per_s, ratio_of_means, summarize
 from datamodules import SampleArray, load_rgb
 
 
@@ -105,30 +105,38 @@ def test_round_ratios_pair_each_round_and_report_median_and_spread():
     assert round_ratios([1.0, 2.0, 1.0], [2.0, 2.0, 0.5]) == (1.0, 0.5, 2.0)
 
 
-def test_training_loop_times_steps_from_skip_and_takes_the_median_rate():
-    clock = iter([0.0, 1.0, 2.0, 2.1, 10.0])  # the batch starts of one epoch
-    times = StepTimes(skip=1, clock=lambda: next(clock))
-    for batch_idx, images in enumerate([16, 16, 16, 16, 8]):
-        times.batch_start(batch_idx, images)
-    # batch 0 skipped (0.0 -> 1.0: a worker start-up); the last batch (no next start) not timed
-    assert [images for images, _ in times.steps] == [16, 16, 16]
-    assert [seconds for _, seconds in times.steps] == pytest.approx([1.0, 0.1, 7.9])
-    assert images_per_s(times.steps) == pytest.approx(16.0)  # the median step, not the mean
-    assert mean_images_per_s(times.steps) == pytest.approx(48 / 9.0)
+def test_training_loop_summary_takes_medians_over_pairs_and_ratios_of_all_time():
+    # [cli images, cli s, plain images, plain s]: a slow spell (epoch 2) slows both steps of a pair
+    epochs = [[[16, 1.0, 16, 1.0], [16, 1.0, 16, 0.5]], [[16, 4.0, 16, 4.0], [8, 1.0, 8, 1.0]]]
+    summary = summarize(epochs)
+    assert images_per_s(epochs[0], "plain") == [16.0, 32.0]
+    assert summary["pairs"] == 4
+    assert summary["cli / plain"] == pytest.approx(1.0)  # per-pair ratios 1.0, 0.5, 1.0, 1.0
+    assert summary["cli / plain of means"] == pytest.approx((56 / 7.0) / (56 / 6.5))
+    assert summary["of means per epoch"] == "0.750-1.000"
+    assert ratio_of_means(epochs[1]) == pytest.approx(1.0)
 
 
-def test_training_loop_pairs_each_fit_epoch_with_a_plain_epoch_over_the_same_model_and_loader(tmp_path: Path):
+def test_training_loop_follows_each_fit_step_by_a_plain_step_over_the_same_model(tmp_path: Path):
     out = tmp_path / "pairs.json"
     module = tiny_classifier()
+    trained = {}
+
+    class Spy(PlainSteps):  # the plain step must train the fit's own model
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            before = pl_module.model.head.weight.detach().clone()
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            trained[batch_idx] = not torch.equal(before, pl_module.model.head.weight)
+
     trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0, gradient_clip_val=1.0,
-                            callbacks=[PlainEpochs(str(out), skip=1)])
-    trainer.fit(module, datamodule=ImageTensors(n=20, batch_size=4))  # 5 batches: steps 1-3 timed
+                            callbacks=[Spy(str(out), skip=1)])
+    trainer.fit(module, datamodule=ImageTensors(n=20, batch_size=4))  # 5 batches a epoch: steps 1-4 timed
     result = json.loads(out.read_text())
-    assert len(result["pairs"]) == 2 and result["workers"] == 0
-    for pair in result["pairs"]:
-        for candidate in ("cli", "plain"):
-            assert [images for images, _ in pair[candidate]] == [4, 4, 4]
-            assert all(seconds > 0 for _, seconds in pair[candidate])
+    assert len(result["epochs"]) == 2 and result["workers"] == 0
+    assert all(trained.values()) and len(trained) == 5
+    for epoch in result["epochs"]:
+        assert [(cli_images, plain_images) for cli_images, _, plain_images, _ in epoch] == [(4, 4)] * 4
+        assert all(cli_s > 0 and plain_s > 0 for _, cli_s, _, plain_s in epoch)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without a GPU")
