@@ -30,7 +30,7 @@ from benchmarks.common import (
     peak_memory_mb,
     round_ratios,
     rss_peak_mb,
-    time_interleaved,
+    time_paired,
     write_results,
 )
 from finetune.backbones import flex
@@ -233,17 +233,17 @@ def run_suite(suite: str, variants: list[Variant], args: argparse.Namespace, dev
     models = {v.label: build(v, device, args.depth) for v in variants}
     flex_rows = {v.label for v in variants if v.flex_inference}
     images, labels = _batch(args.batch_size, device)
-    # single calls, interleaved rounds: a burst of load elsewhere slows one round of every candidate
-    train = time_interleaved(
+    # single calls, each right after one of the baseline: a slow spell of the machine slows both
+    train = time_paired(
         {label: (lambda m=m: train_step(m, images, labels, bf16)) for label, m in models.items() if label not in flex_rows},
-        device, args.rounds, calls=1,
+        device, args.rounds,
     )
     infer = {}
     for batch_size in args.infer_batch_sizes:
         batch = _batch(batch_size, device)[0]
-        infer[batch_size] = time_interleaved(
+        infer[batch_size] = time_paired(
             {label: (lambda m=m, b=batch: infer_step(m, b, bf16)) for label, m in models.items()},
-            device, args.infer_rounds, calls=1,
+            device, args.infer_rounds,
         )
     del models
 
@@ -258,8 +258,9 @@ def run_suite(suite: str, variants: list[Variant], args: argparse.Namespace, dev
             if label not in times:  # flex rows: inference only
                 row.update({f"{name} img/s": "", f"{name} ratio": "", f"{name} spread": ""})
                 continue
-            ratio, low, high = round_ratios(times[baseline], times[label])
-            row[f"{name} img/s"] = batch_size / statistics.median(times[label])
+            baseline_seconds, seconds = times[label]
+            ratio, low, high = round_ratios(baseline_seconds, seconds)
+            row[f"{name} img/s"] = batch_size / statistics.median(seconds)
             row[f"{name} ratio"] = ratio
             row[f"{name} spread"] = f"{low:.3f}-{high:.3f}"
         if not args.no_memory:
@@ -295,9 +296,9 @@ def run_suite(suite: str, variants: list[Variant], args: argparse.Namespace, dev
 
     notes = (
         f"Training = forward+backward at batch {args.batch_size}{', bf16 autocast' if bf16 else ', float32'}; "
-        f"ratios to `{baseline}` in the same run: the median over {args.rounds} interleaved rounds (inference "
-        f"{args.infer_rounds}) of the round's ratio, `spread` the lowest and highest round; img/s from the median "
-        "round. `(flex inference)` rows: FlexAttention's compiled kernel in inference (compiled in the warm-up call), "
+        f"ratios to `{baseline}` in the same run: every call of a row right after a call of `{baseline}`, in "
+        f"{args.rounds} rounds (inference {args.infer_rounds}); the ratio is the median over the row's pairs of "
+        "their ratio, `spread` the lowest and highest pair; img/s from the row's median call. `(flex inference)` rows: FlexAttention's compiled kernel in inference (compiled in the warm-up call), "
         "not timed in training. "
         + ("Peak memory: growth of the resident set of a fresh process over two steps, from before the model was built, "
            "with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so it follows the live tensors."

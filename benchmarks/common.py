@@ -1,8 +1,9 @@
 """Shared pieces of the benchmarks: interleaved timing, peak memory in a child process, result files.
 
-Speed is compared as ratios inside one run: candidates are timed in interleaved rounds, so a noisy
-machine slows every candidate of a round alike; a ratio is the median over rounds of the round's
-ratio, reported with the lowest and highest round as its spread.
+Speed is compared as ratios inside one run: candidates are timed in interleaved rounds (against a
+baseline: each call right after one of the baseline), so a noisy machine slows both sides of a ratio
+alike; a ratio is the median over rounds (pairs) of the round's ratio, reported with the lowest and
+highest as its spread.
 """
 
 from __future__ import annotations
@@ -58,6 +59,33 @@ def time_interleaved(
             synchronize(device)
             times[name].append((time.perf_counter() - start) / calls)
     return times
+
+
+def time_paired(
+    candidates: dict[str, Callable[[], Any]], device: torch.device, rounds: int = 3
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Seconds of single calls, every call of a candidate right after one of the baseline (the first of
+    ``candidates``), in ``rounds`` rounds of all candidates: per candidate, (baseline seconds, candidate
+    seconds) pair by pair; the baseline's own entry pairs its calls with themselves.
+
+    The two calls of a pair are seconds apart, so this machine's slow spells (up to 1.6x for tens of
+    seconds) slow both alike; a round of every candidate in turn put the baseline tens of seconds from
+    the last candidates, and single rounds' ratios spread from 0.58 to 0.96.
+    """
+    for run in candidates.values():  # warm-up: caches, allocator, lazy init, compilation
+        run()
+    baseline, *others = candidates
+    pairs: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in others}
+    for _ in range(rounds):
+        for name in others:
+            for slot, run in enumerate((candidates[baseline], candidates[name])):
+                synchronize(device)
+                start = time.perf_counter()
+                run()
+                synchronize(device)
+                pairs[name][slot].append(time.perf_counter() - start)
+    baseline_times = [seconds for times, _ in pairs.values() for seconds in times]
+    return {baseline: (baseline_times, baseline_times), **pairs}
 
 
 def round_ratios(baseline: list[float], candidate: list[float]) -> tuple[float, float, float]:

@@ -16,7 +16,7 @@ import benchmarks.__main__ as runner
 import benchmarks.common
 from benchmarks import attention_profile
 from benchmarks.backbones import Target, target_table
-from benchmarks.common import round_ratios
+from benchmarks.common import round_ratios, time_paired
 from benchmarks.compile import graph_count
 from benchmarks.data_pipeline import format_datasets, imagenet_like_samples, index_bytes, make_jpegs
 from benchmarks.training_loop import PlainSteps, images_per_s, ratio_of_means, summarize
@@ -150,3 +150,13 @@ def test_cuda_benchmarks_are_skipped_and_say_so_without_a_gpu(tmp_path: Path, mo
     assert "irpe_cuda (skipped), spvit_cuda (skipped)" in summary
     assert "## irpe_cuda (not run: no CUDA device on this machine)" in summary
     assert "--suite irpe_cuda --device cuda --batch-size 128" in summary
+
+
+def test_paired_timing_puts_each_call_right_after_one_of_the_baseline():
+    calls: list[str] = []
+    candidates = {name: (lambda n=name: calls.append(n)) for name in ("base", "a", "b")}
+    times = time_paired(candidates, torch.device("cpu"), rounds=2)
+    assert calls[3:] == ["base", "a", "base", "b"] * 2  # after one warm-up call each
+    assert set(times) == {"base", "a", "b"}
+    assert all(len(times[n][0]) == len(times[n][1]) == 2 for n in ("a", "b"))
+    assert times["base"][0] == times["a"][0] + times["b"][0] and times["base"][1] == times["base"][0]
