@@ -1,9 +1,9 @@
 """Shared pieces of the benchmarks: interleaved timing, peak memory in a child process, result files.
 
-Speed is compared as ratios inside one run: candidates are timed in interleaved rounds (against a
-baseline: each call right after one of the baseline), so a noisy machine slows both sides of a ratio
-alike; a ratio is the median over rounds (pairs) of the round's ratio, reported with the lowest and
-highest as its spread.
+Speed is compared as ratios inside one run, timed close together so that a noisy machine slows both
+sides of a ratio alike: in interleaved rounds (``time_interleaved``) or, against a baseline, each
+call right after one of the baseline (``time_paired``). A ratio is the median over rounds or pairs,
+reported with the lowest and highest as its spread.
 """
 
 from __future__ import annotations

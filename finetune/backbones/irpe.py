@@ -566,10 +566,9 @@ class _RecomputedAttention(torch.autograd.Function):
     weights one image at a time, so each n x n block stays in cache: a whole batch's logit terms
     as one (B, H, n, n) mask for the fused kernel made DeiT-S's layer at batch 16 2% slower with a
     key table and 9% with query and key tables (the gather wrote 15 MB a term, read back by the
-    kernel). Forward saves the projection output,
-    the attention output (which the output projection keeps anyway) and the tables. Backward
-    recomputes the weights and takes each table's gradient through ``sum_per_bucket`` (the adjoint
-    of the gather that built its term).
+    kernel). Forward saves the projection output, the attention output (which the output projection
+    keeps anyway) and the tables. Backward recomputes the weights and takes each table's gradient
+    through ``sum_per_bucket`` (the adjoint of the gather that built its term).
     """
 
     @staticmethod
