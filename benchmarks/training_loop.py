@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +85,9 @@ class PlainSteps(Callback):
     every epoch (worker start-up, epoch-end work) are not timed.
     """
 
-    def __init__(self, out: str, skip: int = 2, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, out: str, skip: int = 2) -> None:
         self.out = out
         self.skip = skip
-        self.clock = clock
         self.epochs: list[list[list[float]]] = []  # per epoch: [cli images, cli s, plain images, plain s]
         self.optimizer: torch.optim.Optimizer | None = None
         self.loader: Any = None
@@ -115,12 +114,12 @@ class PlainSteps(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        start = self.clock()
+        start = time.perf_counter()
         fit_step = None if self.last_end is None or batch_idx < self.skip else start - self.last_end
         plain_batch = self._next_batch()
         plain_step(pl_module.model, plain_batch, self.optimizer, pl_module.hparams.label_smoothing,
                    trainer.gradient_clip_val)
-        self.last_end = self.clock()
+        self.last_end = time.perf_counter()
         if fit_step is not None:
             self.epochs[-1].append([len(batch[0]), fit_step, len(plain_batch[0]), self.last_end - start])
 

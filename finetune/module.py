@@ -647,7 +647,6 @@ class ImageClassifier(L.LightningModule):
         for name, (total, images) in self._epoch_losses.items():
             self.log(f"{name}_epoch", total / images, on_step=False, on_epoch=True, prog_bar=name == "train/loss",
                      sync_dist=True)
-        self._epoch_losses.clear()
 
     def _create_teacher(self, num_classes: int) -> nn.Module:
         h = self.hparams
